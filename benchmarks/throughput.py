@@ -1,0 +1,104 @@
+"""Bar: CPU step throughput of the whole NPID pipeline (batch from the uint8 dataset + batched
+augmentation + backbone + head + memory bank + loss + backward + SGD + bank update) is >= 90% of
+the bare backbone step (forward + backward + SGD on a ready float batch), batch 128, same run.
+
+Also compares NPID's negatives drawn per sample (paper code, a B x K x D gather) with one shared
+set per batch (one B x D . D x K product).
+
+  python benchmarks/throughput.py [--data ../shared/data/cifar10-jpeg.tar.gz] [--width 16] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+from instdisc.augment import augment
+from instdisc.config import resolve
+from instdisc.engine import autocast_dtype, build_method
+from instdisc.loader import TrainLoader
+from instdisc.sources import open_source
+
+
+def bench(fn, steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--data", default=os.path.join(here, "..", "..", "shared", "data", "cifar10-jpeg.tar.gz"))
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--precision", default="bf16")
+    args = ap.parse_args()
+    data = args.data if os.path.exists(args.data) else "synthetic:50000"
+    train = open_source(data, "train")
+    results = {"data": data, "n": len(train), "width": args.width, "batch": args.batch_size,
+               "precision": args.precision, "threads": torch.get_num_threads(),
+               "machine": platform.machine(), "torch": torch.__version__}
+    dev = torch.device("cpu")
+    amp = autocast_dtype(args.precision, dev)
+
+    def make(**method_kw):
+        cfg = resolve({"width": args.width, "batch_size": args.batch_size, **method_kw}, {}, "npid")
+        torch.manual_seed(0)
+        m = build_method(cfg, len(train)).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(m.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
+        return cfg, m, opt
+
+    # Bare backbone: a fixed, ready float batch; forward, a trivial loss, backward, SGD.
+    cfg, m, opt = make()
+    x0 = torch.randn(args.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+
+    def bare():
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            loss = m.backbone(x0).float().pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for name, kw in [("nce4096_shared", dict(nce_k=4096, negatives="shared")),
+                     ("nce4096_per_sample", dict(nce_k=4096, negatives="per-sample")),
+                     ("softmax65536_shared", dict(nce_k=min(65536, len(train) - 1), loss="softmax")),
+                     ("full_softmax", dict(nce_k=0, nce_t=0.1))]:
+        cfg, m2, opt2 = make(**kw)
+        loader = TrainLoader(train, args.batch_size, seed=0)
+        batches = loader.epoch(0)
+        gen = torch.Generator().manual_seed(0)
+
+        def pipeline():
+            x, idx = next(batches)
+            with torch.no_grad():
+                v = augment(x, cfg.aug, gen).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                out = m2([v], idx)
+            opt2.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt2.step()
+
+        # Interleave A/B repeats so drift in machine speed hits both alike.
+        t_bare, t_pipe = [], []
+        for _ in range(3):
+            t_bare.append(bench(bare, args.steps // 3))
+            t_pipe.append(bench(pipeline, args.steps // 3))
+        tb, tp = sorted(t_bare)[1], sorted(t_pipe)[1]
+        results[name] = {"bare_img_s": round(args.batch_size / tb), "pipeline_img_s": round(args.batch_size / tp),
+                         "ratio": round(tb / tp, 3)}
+        print(name, results[name], flush=True)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

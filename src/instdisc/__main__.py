@@ -1,0 +1,3 @@
+from instdisc.cli import main
+
+raise SystemExit(main())

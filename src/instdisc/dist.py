@@ -1,0 +1,159 @@
+"""Distributed helpers that also work in a single process.
+
+The same command runs on a laptop CPU, one GPU, or many processes under `torchrun`: we read
+`RANK`/`WORLD_SIZE`/`LOCAL_RANK` from the environment and fall back to one process when they are
+absent. Every helper here is a no-op (or the identity) when not distributed, so method code can
+call `all_gather_cat` unconditionally right where it mutates shared state.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Env:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> Env:
+    """Initialise torch.distributed if launched by torchrun, and pick the device.
+
+    Args:
+        device: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
+        timeout_s: collective timeout. A rank that dies makes the others fail after this long
+            instead of hanging forever.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None
+        )
+    return Env(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only (instead of monkey-patching builtins.print)."""
+    if is_main():
+        kwargs.setdefault("file", sys.stdout)
+        print(*args, **kwargs, flush=True)
+
+
+@torch.no_grad()
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0, in rank order. No gradient flows.
+
+    All ranks must pass the same shape (the training loader guarantees equal per-rank batches).
+    """
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ("sum" or "mean"); identity when not distributed."""
+    if world_size() == 1:
+        return x
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    if op == "mean":
+        x /= world_size()
+    return x
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy every parameter and buffer of `module` from rank `src` to all ranks.
+
+    DDP with broadcast_buffers=False does not sync buffers at construction (PyTorch >= 2.1),
+    so we do it explicitly after building the model and after resuming.
+    """
+    if world_size() == 1:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src)
+
+
+@torch.no_grad()
+def sync_norm_stats(module: torch.nn.Module, src: int = 0) -> None:
+    """Broadcast BatchNorm running statistics from rank `src`.
+
+    With broadcast_buffers=False every rank keeps its own running stats (they only matter in eval
+    mode); syncing them before evaluation and checkpoints gives every rank rank 0's model, as DDP's
+    default buffer broadcast would.
+    """
+    if world_size() == 1:
+        return
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            for b in m.buffers():
+                dist.broadcast(b, src)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def buffers_agree(module: torch.nn.Module) -> bool:
+    """True if every rank holds bit-identical buffers (memory banks, queues, labels, Z).
+
+    Compares a float64 checksum per buffer across ranks: one small all-gather, cheap enough to
+    run at every checkpoint, and it catches the silent per-rank drift seen in older NPID code.
+    """
+    if world_size() == 1:
+        return True
+    sums = [b.double().sum() + (b.double() * torch.arange(b.numel(), device=b.device).view_as(b).remainder(7)).sum()
+            for b in module.buffers() if b.numel()]
+    if not sums:
+        return True
+    local = torch.stack(sums).nan_to_num(nan=1.2345e300)  # (num_buffers,) NaN == NaN for this check
+    everyone = all_gather_cat(local[None])  # (world, num_buffers)
+    return bool((everyone == everyone[0]).all())

@@ -1,0 +1,121 @@
+"""Features of a whole image set, in dataset order, and the exported `.npy` files.
+
+Export layout (other tools script against these names):
+  FILE.npy          (N, D) float32, row i = dataset index i
+  FILE.labels.npy   (N,) int64, where the source has labels
+  FILE.meta.json    source, split, checkpoint, method, dims
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from instdisc import dist
+from instdisc.augment import CIFAR_MEAN, CIFAR_STD, preprocess
+from instdisc.errors import UserError
+from instdisc.loader import eval_batches
+from instdisc.progress import Progress
+from instdisc.sources import ImageSet
+
+
+@torch.no_grad()
+def extract_features(
+    fn: Callable[[Tensor], Tensor],
+    images: ImageSet,
+    *,
+    size: int,
+    mean: Sequence[float] = CIFAR_MEAN,
+    std: Sequence[float] = CIFAR_STD,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    workers: int = 4,
+    desc: str = "embed",
+    progress: bool = False,
+) -> Tensor:
+    """Run `fn` over every image (eval transform) -> (N, ...) on `device`, row i = index i.
+
+    Under torchrun each rank embeds one contiguous shard; the shards are padded to equal length,
+    all-gathered and trimmed, so every rank gets the full, ordered result.
+    """
+    n, world, rank = len(images), dist.world_size(), dist.rank()
+    shard = -(-n // world)  # ceil
+    lo, hi = min(rank * shard, n), min((rank + 1) * shard, n)
+    outs = []
+    bar = Progress(hi - lo, desc=desc, enabled=progress and dist.is_main())
+    for x in eval_batches(images, batch_size, start=lo, stop=hi, device=device, workers=workers):
+        outs.append(fn(preprocess(x, size, mean=mean, std=std)).float())
+        bar.update(x.shape[0])
+    bar.close()
+    local = torch.cat(outs) if outs else None
+    if world == 1:
+        assert local is not None
+        return local
+    # Ranks past the end have no rows; they still need the shape to join the gather.
+    if local is None:
+        probe = fn(preprocess(next(eval_batches(images, 1, device=device, workers=0)), size, mean=mean, std=std))
+        local = probe.float()[:0]
+    pad = torch.zeros((shard - local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+    gathered = dist.all_gather_cat(torch.cat([local, pad]))  # (world * shard, ...)
+    return gathered[:n]
+
+
+def save_features(path: str | Path, feats: Tensor, labels: np.ndarray | None, meta: dict[str, Any]) -> list[Path]:
+    """Write FILE.npy (+ FILE.labels.npy, FILE.meta.json) atomically; returns the paths written."""
+    path = Path(path)
+    if path.suffix != ".npy":
+        path = path.with_name(path.name + ".npy")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {str(path.parent)!r}: {e.strerror}.") from None
+    stem = path.with_suffix("")
+    written = []
+
+    def _atomic_npy(p: Path, arr: np.ndarray) -> None:
+        tmp = p.with_name(p.name + ".tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, p)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write {str(p)!r}: {e.strerror}.") from None
+        written.append(p)
+
+    _atomic_npy(path, feats.detach().cpu().numpy().astype(np.float32))
+    if labels is not None:
+        _atomic_npy(Path(f"{stem}.labels.npy"), np.asarray(labels, dtype=np.int64))
+    meta_path = Path(f"{stem}.meta.json")
+    meta_path.write_text(json.dumps({**meta, "shape": list(feats.shape)}, indent=2))
+    written.append(meta_path)
+    return written
+
+
+def load_features(path: str | Path) -> tuple[Tensor, Tensor | None]:
+    """Read FILE.npy and FILE.labels.npy if present -> (features (N, D), labels (N,) or None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"feature file {str(path)!r} does not exist (expected an .npy written by `instdisc embed`).")
+    try:
+        feats = torch.from_numpy(np.load(path, allow_pickle=False)).float()
+    except (ValueError, OSError) as e:
+        raise UserError(f"{str(path)!r} is not a readable .npy feature file: {e}") from None
+    if feats.ndim != 2:
+        raise UserError(f"{str(path)!r} holds an array of shape {tuple(feats.shape)}; expected (N, D).")
+    lab_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy") if path.name.endswith(".npy") else None
+    labels = None
+    if lab_path is not None and lab_path.is_file():
+        labels = torch.from_numpy(np.load(lab_path, allow_pickle=False)).long()
+        if labels.shape[0] != feats.shape[0]:
+            raise UserError(f"{str(lab_path)!r} has {labels.shape[0]} labels for {feats.shape[0]} features.")
+    return feats, labels

@@ -1,0 +1,128 @@
+"""Weighted k-nearest-neighbour classification of features (Wu et al., CVPR 2018, Sec. 3.4).
+
+For a query q, take the k training features with the largest cosine similarity s_j, weight each
+by exp(s_j / tau) and sum the weights per class; the class with the largest sum wins. NPID uses
+k = 200 and tau = its training temperature. Queries are processed in chunks so that memory stays
+bounded (a 1,000,000-row bank is fine); the top-k is taken once for the largest k, so a sweep
+over several k and tau costs one similarity pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Memory budget for one chunk of the (chunk, N) similarity matrix.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _chunk_rows(num_bank: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return max(1, chunk_size)
+    return max(1, min(4096, _CHUNK_BYTES // (4 * max(num_bank, 1))))
+
+
+def _votes(sims: Tensor, labels: Tensor, k: int, t: float, num_classes: int) -> Tensor:
+    """sims, labels: (Q, k_max) sorted by similarity -> (Q, C) weighted votes of the first k."""
+    s = sims[:, :k]  # (Q, k)
+    # Shift by the row max before exp: same ranking, no overflow for small tau.
+    w = torch.exp((s - s[:, :1]) / t)  # (Q, k)
+    votes = torch.zeros(s.shape[0], num_classes, dtype=w.dtype, device=w.device)
+    return votes.scatter_add_(1, labels[:, :k], w)  # (Q, C)
+
+
+@torch.no_grad()
+def weighted_knn(
+    query: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    *,
+    k: int = 200,
+    t: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Class scores of weighted kNN.
+
+    Args:
+        query: (Q, D) features (L2-normalised here, so cosine similarity).
+        bank: (N, D) training features.
+        bank_labels: (N,) int64 training labels.
+        k: neighbours; clipped to N. k = 1 is the plain nearest neighbour.
+        t: temperature of the weights exp(s / t).
+        num_classes: C; default max(label) + 1.
+        chunk_size: queries per chunk; default keeps each (chunk, N) block under 256 MiB.
+    Returns:
+        (Q, C) summed weights per class; argmax is the prediction.
+    """
+    return knn_sweep(query, bank, bank_labels, ks=(k,), ts=(t,), num_classes=num_classes, chunk_size=chunk_size)[
+        (min(k, bank.shape[0]), t)
+    ]
+
+
+@torch.no_grad()
+def knn_sweep(
+    query: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    *,
+    ks: Sequence[int] = (200,),
+    ts: Sequence[float] = (0.07,),
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> dict[tuple[int, float], Tensor]:
+    """Weighted-kNN class scores for every (k, t) pair from one pass over the similarities.
+
+    Returns a dict {(k, t): (Q, C) scores}; k values above N are clipped to N.
+    """
+    if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
+        raise ValueError(f"query (Q, D) and bank (N, D) must share D; got {tuple(query.shape)} and {tuple(bank.shape)}")
+    if bank.shape[0] != bank_labels.shape[0]:
+        raise ValueError(f"bank has {bank.shape[0]} rows but {bank_labels.shape[0]} labels")
+    n = bank.shape[0]
+    ks = sorted({min(int(k), n) for k in ks})
+    if ks[0] < 1 or any(t <= 0 for t in ts):
+        raise ValueError(f"k must be >= 1 and t > 0; got ks={ks}, ts={list(ts)}")
+    c = int(num_classes) if num_classes is not None else int(bank_labels.max()) + 1
+    bank = F.normalize(bank.float(), dim=1)
+    query = F.normalize(query.float().to(bank.device), dim=1)
+    bank_labels = bank_labels.to(bank.device)
+    k_max = ks[-1]
+    out = {(k, t): [] for k in ks for t in ts}
+    step = _chunk_rows(n, chunk_size)
+    for start in range(0, query.shape[0], step):
+        sims = query[start : start + step] @ bank.t()  # (q, N)
+        top_s, top_i = sims.topk(k_max, dim=1)  # (q, k_max), sorted descending
+        top_y = bank_labels[top_i]  # (q, k_max)
+        for k in ks:
+            for t in ts:
+                out[(k, t)].append(_votes(top_s, top_y, k, t, c))
+    return {key: torch.cat(v) for key, v in out.items()}
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """{"top1": %, "top5": %} of (Q, C) scores against (Q,) labels; top-k above C counts as C."""
+    labels = labels.to(scores.device)
+    res = {}
+    for k in topk:
+        pred = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (Q, k)
+        res[f"top{k}"] = 100.0 * (pred == labels[:, None]).any(1).float().mean().item()
+    return res
+
+
+def knn_accuracy(
+    query: Tensor,
+    query_labels: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    *,
+    k: int = 200,
+    t: float = 0.07,
+    num_classes: int | None = None,
+) -> dict[str, float]:
+    """Top-1/top-5 (%) of weighted kNN; the number NPID reports."""
+    c = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
+    return topk_accuracy(weighted_knn(query, bank, bank_labels, k=k, t=t, num_classes=c), query_labels)

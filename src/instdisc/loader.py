@@ -1,0 +1,139 @@
+"""Batches of (uint8 images, dataset indices) for training and evaluation.
+
+Small-image datasets live as one uint8 tensor on the training device (CIFAR-10 is 150 MB): a
+batch is an index_select, the shuffle is a seeded permutation, and augmentation runs batched on
+the same device (augment.py). No DataLoader workers, no per-image Python. Large-image sources
+(`FileImageSet`) stream through DataLoader workers that decode and resize; they yield the same
+batches in the same order, so the training loop does not care which path it is on.
+
+Randomness is a pure function of (seed, epoch): the data order of an epoch can be regenerated
+exactly, which is what makes mid-epoch resume exact without pickling iterator state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from instdisc.errors import ConfigError
+from instdisc.sources import ArrayImageSet, ImageSet
+
+# order(epoch) -> (L,) int64 indices to visit in that epoch (a permutation by default).
+Order = Callable[[int], Tensor]
+
+
+def random_order(num_samples: int, seed: int) -> Order:
+    """A fresh random permutation per epoch, identical on every rank (seeded by seed and epoch)."""
+
+    def order(epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        return torch.randperm(num_samples, generator=g)
+
+    return order
+
+
+def images_to_tensor(images: ImageSet, device: torch.device | str = "cpu") -> Tensor:
+    """(N, H, W, 3) uint8 tensor of an in-memory image set, on `device`."""
+    if not isinstance(images, ArrayImageSet):
+        raise TypeError("only ArrayImageSet sources can be held in memory")
+    return torch.from_numpy(np.ascontiguousarray(images.images)).to(device)
+
+
+class _FileBatches(torch.utils.data.Dataset):
+    """Decodes whole batches in a worker: item i of this dataset is batch i of `batches`."""
+
+    def __init__(self, images: ImageSet, batches: list[Tensor]) -> None:
+        self.images, self.batches = images, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return torch.from_numpy(np.stack([self.images.read(int(j)) for j in self.batches[i]]))
+
+
+class TrainLoader:
+    """Per-rank training batches: step s of epoch e takes rows [s*B, (s+1)*B) of order(e),
+    and rank r keeps its slice of those B (B = global batch). The last partial batch is dropped so
+    that every rank runs the same number of equal-sized steps (collectives need that).
+
+    Args:
+        images: the training set.
+        batch_size: global batch size B (must divide by world_size).
+        device: where batches (and, for in-memory sets, the whole dataset) live.
+        order: data order per epoch; default a seeded permutation.
+        workers: DataLoader workers for streamed sources.
+    """
+
+    def __init__(
+        self,
+        images: ImageSet,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        order: Order | None = None,
+        workers: int = 4,
+    ) -> None:
+        n = len(images)
+        if batch_size % world_size:
+            raise ConfigError(f"--batch-size {batch_size} must be divisible by the number of processes ({world_size}).")
+        if batch_size > n:
+            raise ConfigError(
+                f"--batch-size {batch_size} is larger than the training set ({n} images); use at most {n}."
+            )
+        self.images, self.batch_size, self.rank, self.world = images, batch_size, rank, world_size
+        self.local_batch = batch_size // world_size
+        self.device = torch.device(device)
+        self.order = order or random_order(n, seed)
+        self.workers = workers
+        self.data = images_to_tensor(images, self.device) if isinstance(images, ArrayImageSet) else None
+
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        return len(self.order(epoch)) // self.batch_size
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (x, idx): x (b, 3, H, W) uint8 on device, idx (b,) int64 dataset indices."""
+        order = self.order(epoch)
+        steps = len(order) // self.batch_size
+        lo = self.rank * self.local_batch
+        idx_batches = [
+            order[s * self.batch_size + lo : s * self.batch_size + lo + self.local_batch]
+            for s in range(start_step, steps)
+        ]
+        if self.data is not None:
+            for idx in idx_batches:
+                idx = idx.to(self.device, non_blocking=True)
+                yield self.data.index_select(0, idx).permute(0, 3, 1, 2), idx
+        else:
+            dl = torch.utils.data.DataLoader(
+                _FileBatches(self.images, idx_batches),
+                batch_size=None,
+                num_workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=False,
+            )
+            for idx, x in zip(idx_batches, dl, strict=True):
+                yield x.to(self.device, non_blocking=True).permute(0, 3, 1, 2), idx.to(self.device)
+
+
+def eval_batches(
+    images: ImageSet, batch_size: int, *, start: int = 0, stop: int | None = None,
+    device: torch.device | str = "cpu", workers: int = 4,
+) -> Iterator[Tensor]:
+    """Images [start, stop) in dataset order, as (b, 3, H, W) uint8 batches on device."""
+    stop = len(images) if stop is None else stop
+    if isinstance(images, ArrayImageSet):
+        for s in range(start, stop, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images.images[s : min(s + batch_size, stop)]))
+            yield x.to(device).permute(0, 3, 1, 2)
+    else:
+        batches = [torch.arange(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
+        dl = torch.utils.data.DataLoader(_FileBatches(images, batches), batch_size=None, num_workers=workers)
+        for x in dl:
+            yield x.to(device).permute(0, 3, 1, 2)

@@ -1,0 +1,74 @@
+"""The contract every method follows, so that the training loop never branches on the method.
+
+A method is an `nn.Module` that owns its backbone, head and all of its state (memory banks,
+queues, pseudo-labels, as registered buffers). Given the augmented views of a batch and the
+batch's dataset indices it returns its loss; the loop does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from instdisc.augment import AugmentConfig
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # scalar, already averaged over the batch
+    logs: dict[str, float] = field(default_factory=dict)  # cheap scalars for the progress bar/log
+
+
+@dataclass
+class EpochContext:
+    """What the epoch-start hook may use (SeLa relabels the whole training set there)."""
+
+    epoch: int
+    num_epochs: int
+    # predict_all(fn) runs fn over every training image (in dataset order, eval transform) and
+    # returns the concatenated outputs: (N, ...). Distributed-safe.
+    predict_all: Callable[[Callable[[Tensor], Tensor]], Tensor]
+    out_dir: str | None = None
+    labels: Tensor | None = None  # ground-truth labels where the source has them (metrics only)
+
+
+class Method(nn.Module):
+    """An instance-discrimination objective.
+
+    Subclasses define `Config` (a dataclass of their hyper-parameters), `forward` and `embed`.
+    """
+
+    Config: ClassVar[type]
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_samples: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feat_dim = feat_dim
+        self.num_samples = num_samples
+
+    def views(self, aug: AugmentConfig) -> list[AugmentConfig]:
+        """The augmentations of the views `forward` expects, built from the run's base recipe."""
+        return [aug]
+
+    def forward(self, views: list[Tensor], idx: Tensor) -> StepOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed(self, x: Tensor) -> Tensor:  # pragma: no cover
+        """(B, 3, H, W) normalised images -> (B, D) L2-normalised features for kNN and export."""
+        raise NotImplementedError
+
+    def on_epoch_start(self, ctx: EpochContext) -> dict[str, Any]:
+        """Called before every epoch (on every rank). Returns scalars to log. Default: nothing."""
+        return {}
+
+    def bank_features(self) -> Tensor | None:
+        """(N, D) features of the training set kept by the method (NPID's bank), else None.
+
+        The kNN monitor uses them for free instead of re-embedding the training set.
+        """
+        return None

@@ -1,0 +1,83 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instdisc.knn import knn_accuracy, knn_sweep, topk_accuracy, weighted_knn
+
+
+def slow_knn(query, bank, labels, k, t, c):
+    """Loop reference written from the paper: per query, top-k cosine, weights exp(s/t)."""
+    q = F.normalize(query.double(), dim=1)
+    b = F.normalize(bank.double(), dim=1)
+    out = torch.zeros(len(q), c, dtype=torch.float64)
+    for i in range(len(q)):
+        sims = [(float(q[i] @ b[j]), j) for j in range(len(b))]
+        sims.sort(key=lambda p: -p[0])
+        for s, j in sims[:k]:
+            out[i, labels[j]] += math.exp(s / t)
+    return out
+
+
+@pytest.mark.parametrize("k,t", [(1, 0.07), (5, 0.1), (20, 0.5)])
+def test_matches_slow_reference(k, t):
+    g = torch.Generator().manual_seed(0)
+    bank, query = torch.randn(60, 8, generator=g), torch.randn(15, 8, generator=g)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    fast = weighted_knn(query, bank, labels, k=k, t=t, num_classes=4)
+    ref = slow_knn(query, bank, labels, k, t, 4)
+    # Our scores are scaled per row by exp(-s_max/t) (overflow guard): compare normalised scores.
+    fast_n = fast.double() / fast.double().sum(1, keepdim=True)
+    ref_n = ref / ref.sum(1, keepdim=True)
+    assert torch.allclose(fast_n, ref_n, atol=1e-5)
+    assert torch.equal(fast.argmax(1), ref.argmax(1))
+
+
+def test_chunk_size_does_not_change_scores():
+    g = torch.Generator().manual_seed(1)
+    bank, query = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 7, (300,), generator=g)
+    a = weighted_knn(query, bank, labels, k=30, t=0.1, chunk_size=7)
+    b = weighted_knn(query, bank, labels, k=30, t=0.1, chunk_size=1000)
+    assert torch.allclose(a, b)
+
+
+def test_gaussian_clusters_are_classified():
+    g = torch.Generator().manual_seed(2)
+    centers = torch.randn(5, 32, generator=g) * 3
+    y_bank = torch.arange(5).repeat_interleave(100)
+    y_q = torch.arange(5).repeat_interleave(20)
+    bank = centers[y_bank] + torch.randn(500, 32, generator=g)
+    query = centers[y_q] + torch.randn(100, 32, generator=g)
+    acc = knn_accuracy(query, y_q, bank, y_bank, k=50, t=0.07)
+    assert acc["top1"] > 98.0
+    shuffled = knn_accuracy(query, y_q[torch.randperm(100, generator=g)], bank, y_bank, k=50, t=0.07)
+    assert shuffled["top1"] < 50.0
+
+
+def test_sweep_equals_single_runs_and_clips_k():
+    g = torch.Generator().manual_seed(3)
+    bank, query = torch.randn(40, 8, generator=g), torch.randn(10, 8, generator=g)
+    labels = torch.randint(0, 3, (40,), generator=g)
+    sweep = knn_sweep(query, bank, labels, ks=(1, 10, 500), ts=(0.07, 0.5))
+    assert set(sweep) == {(1, 0.07), (1, 0.5), (10, 0.07), (10, 0.5), (40, 0.07), (40, 0.5)}
+    for (k, t), scores in sweep.items():
+        assert torch.allclose(scores, weighted_knn(query, bank, labels, k=k, t=t))
+
+
+def test_tiny_temperature_does_not_overflow():
+    g = torch.Generator().manual_seed(4)
+    bank, query = torch.randn(50, 8, generator=g), torch.randn(5, 8, generator=g)
+    labels = torch.randint(0, 3, (50,), generator=g)
+    scores = weighted_knn(query, bank, labels, k=10, t=1e-4)
+    assert torch.isfinite(scores).all()
+
+
+def test_topk_accuracy_and_bad_shapes():
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    assert topk_accuracy(scores, torch.tensor([1, 2]), (1, 2)) == {"top1": 50.0, "top2": 50.0}
+    with pytest.raises(ValueError):
+        weighted_knn(torch.randn(3, 4), torch.randn(5, 3), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError):
+        weighted_knn(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(5, dtype=torch.long), t=0)
