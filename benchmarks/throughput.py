@@ -78,7 +78,7 @@ def main() -> None:
         batches = loader.epoch(0)
         gen = torch.Generator().manual_seed(0)
 
-        def pipeline():
+        def pipeline(batches=batches, cfg=cfg, gen=gen, m2=m2, opt2=opt2):
             x, idx = next(batches)
             with torch.no_grad():
                 v = augment(x, cfg.aug, gen).contiguous(memory_format=torch.channels_last)

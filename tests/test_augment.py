@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import colorsys
 import math
+import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,6 +30,20 @@ from instdisc.augment import (
     rgb_to_hsv,
     sample_params,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Run these tiny workloads single-threaded.
+
+    They gain nothing from threads, and with OpenMP's default spin-waiting a second busy process
+    on a 2-core machine can make 2-thread ops of this size ~100x slower.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 MEAN = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
@@ -397,14 +413,27 @@ def test_solarize() -> None:
 
 def test_runs_under_no_grad_and_inference_mode() -> None:
     x = _images(4, 32, 32)
-    with torch.no_grad():
-        a = augment(x, AugmentConfig(), _gen())
-    with torch.inference_mode():
-        b = augment(x, AugmentConfig(), _gen())
-    assert torch.equal(a, b)
-    # Scratch buffers are reused across calls: results must not alias them.
+    results: dict[str, torch.Tensor] = {}
+
+    def run() -> None:
+        # A fresh thread has fresh (thread-local) scratch buffers: the first call creating them
+        # under inference_mode must not break later calls outside it.
+        with torch.inference_mode():
+            results["inference"] = augment(x, AugmentConfig(), _gen())
+        with torch.no_grad():
+            results["no_grad"] = augment(x, AugmentConfig(), _gen())
+        results["plain"] = augment(x, AugmentConfig(), _gen())
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert set(results) == {"inference", "no_grad", "plain"}
+    assert torch.equal(results["inference"], results["no_grad"])
+    assert torch.equal(results["plain"], results["no_grad"])
+    # Scratch buffers are reused across calls: earlier results must not alias them.
+    a = augment(x, AugmentConfig(), _gen())
     c = augment(x, AugmentConfig(), _gen(1))
-    assert torch.equal(a, augment(x, AugmentConfig(), _gen()))
+    assert torch.equal(a, results["plain"])
     assert not torch.equal(a, c)
 
 

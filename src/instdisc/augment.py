@@ -356,7 +356,7 @@ def sample_params(
 
 
 # --------------------------------------------------------------------------------------------------
-# Geometric part: crop + resize + flip
+# Constants, scratch buffers, conversion
 # --------------------------------------------------------------------------------------------------
 
 
@@ -365,9 +365,11 @@ def _const(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) 
     """A small constant tensor, cached per (values, device, dtype). Never modify the result.
 
     Building tensors from Python tuples costs a host->device copy (and ~10 us on CPU) each time;
-    the pipeline needs several per batch.
+    the pipeline needs several per batch. Created outside inference mode so that a constant first
+    made under ``torch.inference_mode()`` stays usable everywhere.
     """
-    return torch.tensor(values, dtype=dtype, device=device)
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 class _ScratchBuffers(threading.local):
@@ -396,12 +398,20 @@ def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     The caller must not return it (or a view of it) and must not request the same ``name`` twice
     while the first one is still in use.
     """
+    return _scratch_of(name, shape, like.dtype, like.device)
+
+
+def _scratch_of(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`_scratch` with an explicit dtype and device."""
     n = math.prod(shape)
-    if like.device.type != "cpu" or n * like.element_size() > _SCRATCH_MAX_BYTES:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if device.type != "cpu" or n * dtype.itemsize > _SCRATCH_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
     buf = _SCRATCH.bufs.get(name)
-    if buf is None or buf.dtype != like.dtype or buf.numel() < n:
-        buf = torch.empty(n, dtype=like.dtype)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        # Never an inference tensor, even when first created under torch.inference_mode():
+        # those could not be updated in place by a later call outside inference mode.
+        with torch.inference_mode(False):
+            buf = torch.empty(n, dtype=dtype)
         _SCRATCH.bufs[name] = buf
     return buf[:n].view(shape)
 
@@ -418,8 +428,10 @@ def _to_unit_float(x: Tensor, *, scratch: bool = False) -> Tensor:
     """
     if x.dtype != torch.uint8 and not x.is_floating_point():
         raise TypeError(f"images must be uint8 or floating point, got {x.dtype}")
-    ref = torch.empty((), dtype=torch.float32, device=x.device)
-    y = _scratch("input", tuple(x.shape), ref) if scratch else torch.empty_like(x, dtype=torch.float32)
+    if scratch:
+        y = _scratch_of("input", tuple(x.shape), torch.float32, x.device)
+    else:
+        y = torch.empty_like(x, dtype=torch.float32)
     y.copy_(x)
     return y.div_(255.0) if x.dtype == torch.uint8 else y
 
@@ -429,6 +441,11 @@ def _normalise_(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> T
     m = _const(tuple(mean), x.device, x.dtype).view(1, 3, 1, 1)
     s = _const(tuple(std), x.device, x.dtype).view(1, 3, 1, 1)
     return x.sub_(m).div_(s)
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometric part: crop + resize + flip
+# --------------------------------------------------------------------------------------------------
 
 
 def _sample_coords(start: Tensor, length: Tensor, size: int, full: int) -> Tensor:

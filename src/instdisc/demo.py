@@ -18,7 +18,7 @@ from instdisc.engine import build_method, evaluate_knn, fit, open_sets
 
 # Chosen for a 2-core CPU: small enough to finish in ~2 minutes, long enough to learn.
 DEMO_PRESET = {
-    "data": "digits",
+    "data": "digits:wild",
     "arch": "resnet18",
     "width": 16,
     "epochs": 30,

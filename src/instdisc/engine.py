@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from instdisc import dist
+from instdisc import __version__, dist
 from instdisc.augment import AugmentConfig, augment
 from instdisc.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from instdisc.config import OptimConfig, TrainConfig
@@ -36,8 +36,6 @@ from instdisc.methods import METHODS, EpochContext, Method
 from instdisc.models import build_backbone
 from instdisc.progress import Progress
 from instdisc.sources import ImageSet, open_source
-
-from instdisc import __version__
 
 
 class NonFiniteLossError(UserError):
@@ -78,10 +76,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if precision == "bf16":
         return torch.bfloat16
-    # auto: bf16 where the hardware has it (CPUs with AVX512-BF16/AMX, Ampere+ GPUs).
+    # auto: bf16 on GPUs that have it. On CPU fp32: measured on a 2-core AVX512-BF16 machine
+    # without AMX, bf16 autocast made the ResNet-18 train step 20-30% slower (docs/benchmarks.md).
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+    return None
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -326,7 +325,7 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
         def on_step(step_out: Any) -> None:
             if state.step % r.log_every == 0:
                 log.write(type="step", step=state.step, epoch=state.epoch, lr=float(lrs[state.step - 1]),
-                          loss=float(step_out.loss), **{k: float(v) for k, v in step_out.logs.items()})
+                          loss=float(step_out.loss.detach()), **{k: float(v) for k, v in step_out.logs.items()})
             if r.ckpt_every_steps and state.step % r.ckpt_every_steps == 0:
                 save()
 
