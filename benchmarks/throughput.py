@@ -41,7 +41,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--configs", nargs="+", default=None, help="subset of the NPID variants to time")
     args = ap.parse_args()
     data = args.data if os.path.exists(args.data) else "synthetic:50000"
     train = open_source(data, "train")
@@ -73,6 +74,8 @@ def main() -> None:
                      ("nce4096_per_sample", dict(nce_k=4096, negatives="per-sample")),
                      ("softmax65536_shared", dict(nce_k=min(65536, len(train) - 1), loss="softmax")),
                      ("full_softmax", dict(nce_k=0, nce_t=0.1))]:
+        if args.configs and name not in args.configs:
+            continue
         cfg, m2, opt2 = make(**kw)
         loader = TrainLoader(train, args.batch_size, seed=0)
         batches = loader.epoch(0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import colorsys
 import math
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,20 +29,6 @@ from instdisc.augment import (
     rgb_to_hsv,
     sample_params,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Run these tiny workloads single-threaded.
-
-    They gain nothing from threads, and with OpenMP's default spin-waiting a second busy process
-    on a 2-core machine can make 2-thread ops of this size ~100x slower.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 MEAN = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
 
 from instdisc.errors import ConfigError
 from instdisc.models import ARCHS, ProjectionHead, build_backbone
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Run these tiny workloads single-threaded.
-
-    They gain nothing from threads, and with OpenMP's default spin-waiting a second busy process
-    on a 2-core machine can make 2-thread ops of this size ~100x slower.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -91,10 +91,12 @@ def cmd_train(argv: Sequence[str]) -> int:
             setattr(getattr(stored, sec), name, getattr(getattr(cfg, sec), name))
         cfg = stored
     env = dist.init_from_env(cfg.run.device)
+    ok = False
     try:
         fit(cfg, env, resume=args.resume, overwrite=args.overwrite)
+        ok = True
     finally:
-        dist.cleanup()
+        dist.cleanup(wait_for_peers=ok)
     if env.is_main:
         print(f"outputs: {cfg.run.out} (config.json, metrics.jsonl, checkpoints/)")
     return 0

@@ -136,9 +136,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
+def cleanup(*, wait_for_peers: bool = True) -> None:
+    """Leave the process group. After success all ranks leave together: a rank that exits while a
+    peer is still tearing down its gloo connections can make that peer abort (SIGABRT). After an
+    error we do not wait (the peers may be gone)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if wait_for_peers:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 @torch.no_grad()

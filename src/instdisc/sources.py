@@ -1489,7 +1489,7 @@ def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
-def _make_digits(split: str, wild: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _make_digits(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """sklearn digits -> (N, 32, 32, 3) uint8 (see the module docstring for the split)."""
     from sklearn.datasets import load_digits  # slow import: only when the cache is cold
 
@@ -1499,28 +1499,7 @@ def _make_digits(split: str, wild: bool = False) -> tuple[np.ndarray, np.ndarray
     m = _bilinear_matrix(32, 8)
     up = np.einsum("ij,njk,lk->nil", m, d.images[sel] * (255.0 / 16.0), m)
     grey = np.clip(np.rint(up), 0, 255).astype(np.uint8)
-    labels, classes = d.target[sel].astype(np.int64), [str(c) for c in range(10)]
-    if not wild:
-        return np.repeat(grey[..., None], 3, axis=-1), labels, classes
-    # digits:wild -- the same digits at a random size (14-28 px) and position on the 32x32 canvas,
-    # with random ink and paper grey levels: nuisances that NPID's crop and colour augmentations
-    # teach a network to ignore and that make raw-pixel similarity a weak baseline. (Random
-    # *colours* would be a bad choice: the ink/paper colour pair identifies an image by itself.)
-    rng = np.random.default_rng(1797 + (split == "test"))
-    n = len(labels)
-    out = np.empty((n, 32, 32, 3), dtype=np.float32)
-    ink = rng.uniform(150, 255, n)
-    paper = rng.uniform(0, 100, n)
-    sizes = rng.integers(14, 29, n)
-    for i, img in enumerate(d.images[sel] / 16.0):
-        sz = int(sizes[i])
-        mi = _bilinear_matrix(sz, 8)
-        alpha = np.zeros((32, 32), dtype=np.float32)
-        top, left = rng.integers(0, 33 - sz, 2)
-        alpha[top : top + sz, left : left + sz] = np.clip(mi @ img @ mi.T, 0, 1)
-        out[i] = (paper[i] * (1 - alpha) + ink[i] * alpha)[..., None]
-    out += rng.normal(0, 6, out.shape[:3])[..., None]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8), labels, classes
+    return np.repeat(grey[..., None], 3, axis=-1), d.target[sel].astype(np.int64), [str(c) for c in range(10)]
 
 
 SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "hbar", "vbar", "plus", "x", "stripes", "checker")
@@ -1595,8 +1574,6 @@ def _parse_builtin(spec: str) -> tuple[str, int | None] | None:
     low = spec.strip().lower()
     if low in ("digits", "cifar10", "cifar100"):
         return low, None
-    if low == "digits:wild":
-        return "digits", 1
     if low == "synthetic":
         return "synthetic", SYNTHETIC_DEFAULT_N
     if low.startswith("synthetic:"):
@@ -1950,10 +1927,9 @@ def _open_builtin(
     kind: str, n: int | None, split: str, cache: Path, download: bool, image_size: int | None, progress: bool,
 ) -> ArrayImageSet:
     if kind == "digits":
-        wild = n == 1
-        key = _cache_key("digits", split, {"version": DIGITS_VERSION, "image_size": image_size, "wild": "grey-v2" if wild else False})
-        return _cached_or_build(cache, key, "digits:wild" if wild else "digits", split, image_size,
-                                lambda: (*_make_digits(split, wild), {"format": "digits"}))
+        key = _cache_key("digits", split, {"version": DIGITS_VERSION, "image_size": image_size})
+        return _cached_or_build(cache, key, "digits", split, image_size,
+                                lambda: (*_make_digits(split), {"format": "digits"}))
     if kind == "synthetic":
         assert n is not None
         count = n if split == "train" else max(1, n // 4)
