@@ -111,3 +111,11 @@ def test_help_texts_and_module_entry_point():
         assert "usage:" in res.stdout
     res = subprocess.run([sys.executable, "-m", "instdisc", "train", "--help"], capture_output=True, text=True)
     assert "--nce-k" in res.stdout and "--aug-scale" in res.stdout and "--resume" in res.stdout
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_no_partial_state(tmp_path, cache, capsys):
+    run = tmp_path / "run"
+    assert train(run, "--epochs", "1", "--lr", "1e30", "--nce-k", "0") == 2
+    err = capsys.readouterr().err
+    assert "the loss became" in err and "at step" in err and "Traceback" not in err
+    assert not (run / "checkpoints" / "last.pt").exists()  # nothing half-trained was saved

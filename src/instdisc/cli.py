@@ -118,7 +118,9 @@ def _load_run(path: str, device: str):
         method.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path!r} does not match its own config: {str(e).splitlines()[0]}") from None
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     return method.to(dev).eval(), cfg, dev
 
 
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path", help=SOURCES_HELP)
     c.set_defaults(func=cmd_data_check)
 
-    m = sub.add_parser("demo", help="offline demo: NPID on scikit-learn digits, learned vs random kNN (~2 min on CPU)")
+    m = sub.add_parser("demo", help="offline demo: NPID on scikit-learn digits, learned vs random kNN (~3 min on CPU)")
     m.add_argument("--out", default="runs/demo", help="run directory (replaced if it exists)")
     m.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
     m.set_defaults(func=cmd_demo)

@@ -72,7 +72,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    method: str = field(default="npid", metadata={"help": "npid"})
+    method: str = field(default="npid", metadata={"help": "the method to train: a key of instdisc.methods.METHODS"})
     out: str = field(default="runs/default", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "seed of all randomness (model init, data order, augmentation)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
@@ -230,6 +230,7 @@ def _add_fields(parser: argparse.ArgumentParser, section: str, dc: type, title: 
             kw["metavar"] = args[0].__name__.upper() if args else "X"
         else:
             kw["type"] = tp
+            kw["metavar"] = f.name.upper()
         group.add_argument(_flag(section, f.name), **kw)
 
 
