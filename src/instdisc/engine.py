@@ -254,7 +254,7 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
     method = build_method(cfg, n).to(env.device)
     if r.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(method.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    optimizer = method.configure_optimizer(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     amp = autocast_dtype(r.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     state = TrainState()
