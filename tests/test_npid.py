@@ -136,3 +136,25 @@ def test_config_validation():
     for kw in [dict(nce_t=0.0), dict(nce_m=1.0), dict(nce_m=-0.1), dict(nce_k=32), dict(nce_k=-1)]:
         with pytest.raises(ConfigError):
             make(n=32, **kw)
+
+
+@pytest.mark.parametrize("init", ["random", "features"])
+def test_bank_init_from_features_only_at_the_first_epoch(init):
+    from instdisc.methods.base import EpochContext
+
+    m = make(nce_k=0, bank_init=init)
+    images = torch.randn(m.num_samples, 3, 4, 4)
+    random_bank = m.memory.bank.clone()
+
+    def ctx(epoch):
+        return EpochContext(epoch=epoch, num_epochs=3, predict_all=lambda fn: fn(images))
+
+    m.on_epoch_start(ctx(0))
+    if init == "random":
+        assert torch.equal(m.memory.bank, random_bank)
+        return
+    expected = m.embed(images)  # (N, D) unit rows
+    assert torch.allclose(m.memory.bank, expected, atol=1e-6)
+    m.memory.bank.copy_(random_bank)
+    m.on_epoch_start(ctx(1))  # later epochs keep the trained bank
+    assert torch.equal(m.memory.bank, random_bank)

@@ -308,9 +308,18 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
             })
         dist.barrier()
 
-    ctx_predict = lambda fn: extract_features(  # noqa: E731
-        fn, train, size=cfg.aug.size, mean=cfg.aug.mean, std=cfg.aug.std, device=env.device, workers=cfg.data.workers
-    )
+    def ctx_predict(fn: Any) -> Tensor:
+        # Eval mode: BatchNorm uses (and does not update) its running statistics.
+        was_training = method.training
+        method.eval()
+        try:
+            return extract_features(
+                fn, train, size=cfg.aug.size, mean=cfg.aug.mean, std=cfg.aug.std, device=env.device,
+                workers=cfg.data.workers,
+            )
+        finally:
+            method.train(was_training)
+
     metrics: dict[str, Any] = {}
     stop = False
     while state.epoch < o.epochs and not stop:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from instdisc.dist import all_gather_cat
 from instdisc.errors import ConfigError
 from instdisc.memory import MemoryBank
-from instdisc.methods.base import Method, StepOutput
+from instdisc.methods.base import EpochContext, Method, StepOutput
 from instdisc.models import ProjectionHead
 
 
@@ -67,6 +67,13 @@ class NPIDConfig:
     )
     head_hidden: int = field(
         default=0, metadata={"help": "0 = linear head as the paper; > 0 = MLP with this width"}
+    )
+    bank_init: Literal["random", "features"] = field(
+        default="random",
+        metadata={
+            "help": "initial bank: random unit vectors (paper) or the network's own features of "
+            "every training image at initialisation (one extra pass; helps short runs)"
+        },
     )
 
     def validate(self, num_samples: int) -> None:
@@ -181,6 +188,17 @@ class NPID(Method):
             kept = self.log_z
         # torch.where rather than `if isnan(...)`: no host sync on GPU.
         self.log_z.copy_(torch.where(torch.isnan(self.log_z), batch_log_z, kept))
+
+    @torch.no_grad()
+    def on_epoch_start(self, ctx: EpochContext) -> dict[str, float]:
+        if self.cfg.bank_init == "features" and ctx.epoch == 0:
+            # A random bank makes every positive a random target: the first epochs then scatter the
+            # features away from the (already informative) random-init ones before they recover.
+            # Starting from the network's own features makes the first positives meaningful.
+            # predict_all returns the same (N, D) on every rank, so the banks stay identical.
+            self.memory.bank.copy_(ctx.predict_all(self.embed).to(self.memory.bank))
+            return {"bank_init": 1.0}
+        return {}
 
     @torch.no_grad()
     def embed(self, x: Tensor) -> Tensor:
