@@ -60,7 +60,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, cache):
     # Stop at step 9 of 12 (mid-epoch 2), then resume to the end.
     assert train(part, "--epochs", "2", "--max-steps", "9") == 0
     ck = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
-    assert ck["state"] == {"epoch": 1, "epoch_step": 3, "step": 9}
+    assert ck["state"] == {"epoch": 1, "epoch_step": 3, "step": 9, "skipped": 0}
     assert train(part, "--epochs", "2", "--resume") == 0
     a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)

@@ -9,7 +9,7 @@ def test_demo_reports_learned_and_random_rows(tmp_path, capsys):
     rows = re.findall(r"^\s+(weighted kNN.*|1-NN.*)$", text, flags=re.M)
     assert len(rows) == 2, text
     # Each row prints random, learned and their difference, matching the returned numbers.
-    for row, (r, lr) in zip(rows, [("random_top1", "learned_top1"), ("random_nn1", "learned_nn1")]):
+    for row, (r, lr) in zip(rows, [("random_top1", "learned_top1"), ("random_nn1", "learned_nn1")], strict=True):
         nums = [float(v) for v in re.findall(r"([-+]?\d+\.\d+)%", row)]
         assert nums == [round(res[r], 2), round(res[lr], 2)]
         assert f"{res[lr] - res[r]:+.2f} points" in row

@@ -1,9 +1,13 @@
 """Checkpoints: a dict of state_dicts plus the resolved config, written atomically.
 
-Layout: RUN_DIR/checkpoints/last.pt and prev.pt (the one before). Writing goes to a temporary
-file in the same folder, is fsync'ed and then renamed over `last.pt` after `last.pt` became
-`prev.pt`, so a crash at any instant leaves at least one complete checkpoint. Everything inside
-is tensors, numbers, strings, lists and dicts: `torch.load(path, weights_only=True)` reads it.
+Layout: RUN_DIR/checkpoints/last.pt and prev.pt (the one before). A save writes a temporary file
+in the same folder, fsyncs it, turns the current last.pt into prev.pt and renames the temporary
+file over last.pt (os.replace, atomic on POSIX), then fsyncs the folder. Where the file system has
+hard links, prev.pt is made with a link first, so last.pt exists at every instant; elsewhere there
+is a moment with prev.pt only, which `find_checkpoint` handles. A crash or SIGKILL at any instant
+therefore leaves at least one complete checkpoint, and a failed write (a full disk) leaves both
+untouched. Everything inside is tensors, numbers, strings, lists and dicts:
+`torch.load(path, weights_only=True)` reads it.
 """
 
 from __future__ import annotations
@@ -15,48 +19,102 @@ from typing import Any
 
 import torch
 
-from instdisc.errors import CheckpointError, UserError
+from instdisc.errors import CheckpointError, InstdiscWarning, UserError
 
 FORMAT = 1
 LAST, PREV = "last.pt", "prev.pt"
+_TMP_PREFIX = f".{LAST}.tmp."
+_LINK_PREFIX = f".{PREV}.link."
+DAMAGED_SUFFIX = ".damaged"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write `state` as the newest checkpoint of the run; keeps the previous one."""
-    d = checkpoint_dir(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    last, prev, tmp = d / LAST, d / PREV, d / f".{LAST}.tmp.{os.getpid()}"
+def _fsync_dir(d: Path) -> None:
     try:
+        dfd = os.open(d, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the renames are still atomic
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def remove_stale_temporaries(d: Path) -> None:
+    """Delete temporary files and links left by a writer that was killed mid-save (not ours)."""
+    for prefix in (_TMP_PREFIX, _LINK_PREFIX):
+        for p in d.glob(f"{prefix}*"):
+            if p.name != f"{prefix}{os.getpid()}":
+                p.unlink(missing_ok=True)
+
+
+def _rotate(last: Path, prev: Path) -> None:
+    """last.pt -> prev.pt. With a hard link last.pt stays in place until the new one replaces it."""
+    if not last.exists():
+        return
+    link = prev.with_name(f"{_LINK_PREFIX}{os.getpid()}")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(last, link)
+        os.replace(link, prev)
+    except OSError:  # no hard links here (FAT, some network file systems): plain rename
+        link.unlink(missing_ok=True)
+        os.replace(last, prev)
+
+
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
+    """Atomically write `state` as the newest checkpoint of the run; keeps the previous one.
+
+    Raises:
+        UserError: the write failed (no space, no permission); last.pt and prev.pt are untouched.
+    """
+    d = checkpoint_dir(run_dir)
+    last, prev, tmp = d / LAST, d / PREV, d / f"{_TMP_PREFIX}{os.getpid()}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(d)
         with open(tmp, "wb") as fh:
             torch.save({"format": FORMAT, **state}, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        if last.exists():
-            os.replace(last, prev)
+        _rotate(last, prev)
         os.replace(tmp, last)
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _fsync_dir(d)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(
             f"could not write a checkpoint to {str(d)!r}: {e.strerror or e}. The previous checkpoint "
-            "is untouched; free some space or fix the permissions and resume with --resume."
+            "is untouched; free some space or fix the permissions and continue with --resume."
         ) from None
     return last
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace a small text file (config.json, metrics.jsonl) so that readers never see half of it."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {str(p)!r}: {e.strerror or e}.") from None
 
 
 def _read(path: Path) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle errors, garbage: all mean "unreadable"
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}: {e}).") from None
+    except Exception as e:  # truncated zip, pickle errors, garbage, vanished file: all "unreadable"
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}: {first}).") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or "config" not in ck or "model" not in ck:
         raise CheckpointError(f"{str(path)!r} is not an instdisc checkpoint.")
     return ck
@@ -71,19 +129,41 @@ def find_checkpoint(path: str | Path) -> Path:
             if (d / name).is_file():
                 return d / name
         raise UserError(f"no checkpoint in {str(p)!r} (looked for checkpoints/{LAST} and {PREV}).")
+    if not p.exists():
+        raise UserError(f"{str(p)!r} does not exist: there is no run or checkpoint there.")
     if not p.is_file():
         raise UserError(f"{str(p)!r} is neither a run directory nor a checkpoint file.")
     return p
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint. For a run directory, fall back to prev.pt if last.pt is damaged."""
+def load_checkpoint(path: str | Path, *, quarantine: bool = False) -> dict[str, Any]:
+    """Read a checkpoint. For a run directory, fall back to prev.pt (with a warning) if last.pt is
+    truncated or unreadable.
+
+    Args:
+        path: run directory, its checkpoints/ folder, or a checkpoint file.
+        quarantine: when falling back, rename the damaged last.pt to last.pt.damaged, so that the
+            next save does not rotate it into prev.pt (the run resumes with two good files again).
+    """
     p = find_checkpoint(path)
     try:
         return _read(p)
-    except CheckpointError:
+    except CheckpointError as e:
         prev = p.with_name(PREV)
         if p.name != LAST or not prev.is_file():
             raise
-        warnings.warn(f"{str(p)!r} is damaged; resuming from the previous checkpoint {str(prev)!r}.", stacklevel=2)
-        return _read(prev)
+        ck = _read(prev)
+        note = ""
+        if quarantine:
+            try:
+                os.replace(p, p.with_name(LAST + DAMAGED_SUFFIX))
+                note = f" (kept as {LAST + DAMAGED_SUFFIX})"
+            except OSError:
+                pass
+        warnings.warn(
+            f"{e} Using the previous checkpoint {str(prev)!r} instead{note}; the steps after it are "
+            "repeated, with the same result.",
+            InstdiscWarning,
+            stacklevel=2,
+        )
+        return ck

@@ -2,7 +2,10 @@
 
   instdisc train --method npid --data SOURCE --out RUN_DIR [--config FILE] [--epochs N] [--resume]
   instdisc embed RUN_DIR_OR_CHECKPOINT --data SOURCE --split train|test --out FILE.npy
-  instdisc knn RUN_DIR_OR_CHECKPOINT | --train FILE.npy --test FILE.npy
+  instdisc knn|linear|lowshot RUN_DIR_OR_CHECKPOINT | --train FILE.npy --test FILE.npy
+  instdisc stages|neighbors|map RUN_DIR_OR_CHECKPOINT     (also released weights: instdisc weights FILE)
+  instdisc report RUN_DIR
+  instdisc clusters RUN_DIR                               (SeLa: pseudo-label metrics, files, grid)
   instdisc data check PATH
   instdisc demo
 """
@@ -10,11 +13,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
-from instdisc.errors import UserError
+from instdisc.errors import InstdiscWarning, PeerError, UserError
 
 SOURCES_HELP = (
     "digits (scikit-learn's bundled handwritten digits), synthetic[:N], cifar10, cifar100, a folder "
@@ -56,6 +61,31 @@ def _train_parser(method: str) -> argparse.ArgumentParser:
     return p
 
 
+def _dist_timeout(configured: float, *, given: bool) -> float:
+    """--dist-timeout if given on the command line, else $INSTDISC_DIST_TIMEOUT, else the config's."""
+    raw = os.environ.get("INSTDISC_DIST_TIMEOUT")
+    if given or not raw:
+        return configured
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"INSTDISC_DIST_TIMEOUT must be a positive number of seconds; got {raw!r}.")
+    return value
+
+
+def _is_peer_failure(e: RuntimeError) -> bool:
+    """A collective failed because another rank died or stalled. Gloo reports it as a plain
+    RuntimeError ("Connection reset by peer", "Timed out waiting 5000ms"), NCCL as a DistError."""
+    from torch.distributed import DistError
+
+    text = str(e)
+    return isinstance(e, DistError) or any(
+        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out")
+    )
+
+
 def cmd_train(argv: Sequence[str]) -> int:
     from instdisc import dist
     from instdisc.checkpoint import load_checkpoint
@@ -76,9 +106,15 @@ def cmd_train(argv: Sequence[str]) -> int:
         # stop) come from the command line; a few more may be changed on purpose (e.g. --epochs to
         # extend a run); anything that would change the maths is refused.
         stored = TrainConfig.from_dict(load_checkpoint(cfg.run.out)["config"])
-        invocation = {"run.device", "run.progress", "run.max_steps", "data.workers", "data.cache_dir", "run.out"}
-        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.ckpt_every_steps"}
+        invocation = {"run.device", "run.progress", "run.max_steps", "data.workers", "data.cache_dir", "run.out",
+                      "run.dist_timeout"}
+        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.ckpt_every_steps", "run.skip_nonfinite"}
         current, saved = cfg.to_dict(), stored.to_dict()
+        if cfg.run.method != stored.run.method:  # the other method's own flags are not comparable
+            raise UserError(
+                f"--resume: method was {stored.run.method!r} in this run; it cannot change to "
+                f"{cfg.run.method!r}. Start a new run (another --out) instead."
+            )
         for dest in flags:
             sec, name = dest.split(".", 1)
             if dest not in invocation | changeable and current[sec][name] != saved[sec][name]:
@@ -90,11 +126,20 @@ def cmd_train(argv: Sequence[str]) -> int:
             sec, name = dest.split(".", 1)
             setattr(getattr(stored, sec), name, getattr(getattr(cfg, sec), name))
         cfg = stored
-    env = dist.init_from_env(cfg.run.device)
+    timeout = _dist_timeout(cfg.run.dist_timeout, given="run.dist_timeout" in flags)
+    env = dist.init_from_env(cfg.run.device, timeout_s=timeout)
     ok = False
     try:
         fit(cfg, env, resume=args.resume, overwrite=args.overwrite)
         ok = True
+    except RuntimeError as e:
+        if not (env.distributed and _is_peer_failure(e)):
+            raise
+        raise PeerError(
+            f"another process of this distributed run failed or stopped responding ({str(e).splitlines()[0]}). "
+            f"Each process waits at most {timeout:g} s (--dist-timeout) for the others. Look for the first error "
+            "in the other processes' output; the last checkpoint is intact: fix the cause and continue with --resume."
+        ) from None
     finally:
         dist.cleanup(wait_for_peers=ok)
     if env.is_main:
@@ -150,33 +195,140 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _features(args: argparse.Namespace, kind: str):
+    from instdisc.evaluate import features_for
+
+    return features_for(
+        args.run, train=args.train, test=args.test, data=args.data, kind=kind, device=args.device,
+        layout=args.layout, batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+        progress=True,
+    )
+
+
 def cmd_knn(args: argparse.Namespace) -> int:
-    import torch
+    from instdisc.evaluate import format_table, knn_table, save_result
 
-    from instdisc.features import load_features
-    from instdisc.knn import knn_accuracy
+    ev = _features(args, args.features)
+    rows = knn_table(ev.train_x, ev.train_y, ev.test_x, ev.test_y, ks=args.k, ts=args.t,
+                     num_classes=ev.num_classes, backend=args.backend)
+    print(format_table(rows, ["k", "t", "top1", "top5"]))
+    save_result(ev.save_dir, "knn" if args.features == "embedding" else f"knn_{args.features}",
+                {"features": args.features, "rows": rows})
+    last_k = min(args.k[-1], ev.train_x.shape[0])
+    print(f"{next(r['top1'] for r in rows if r['k'] == last_k and r['t'] == args.t[-1]):.2f}")
+    return 0
 
-    if args.run:
-        method, cfg, dev = _load_run(args.run, args.device)
-        data = args.data or cfg.data.data
-        cache = args.cache_dir or cfg.data.cache_dir
-        bank, tr = _embed(method, cfg, dev, data, "train", args.batch_size, cache)
-        query, te = _embed(method, cfg, dev, data, "test", args.batch_size, cache)
-        if tr.labels is None or te.labels is None:
-            raise UserError(f"{data!r} has no labels: kNN accuracy needs labelled train and test splits.")
-        bank_y, query_y = torch.from_numpy(tr.labels), torch.from_numpy(te.labels)
+
+def cmd_linear(args: argparse.Namespace) -> int:
+    from instdisc.evaluate import (
+        linear_probe,
+        linear_probe_augmented,
+        load_subject,
+        open_images,
+        save_result,
+    )
+
+    if args.augmented:
+        if not args.run:
+            raise UserError("--augmented trains through the backbone: give a run directory or checkpoint.")
+        subject = load_subject(args.run, device=args.device, layout=args.layout)
+        tr = open_images(subject, args.data, "train", cache_dir=args.cache_dir, progress=True)
+        te = open_images(subject, args.data, "test", cache_dir=args.cache_dir, progress=True)
+        if args.norm == "none":
+            raise UserError("--augmented supports --norm bn or l2 (a BatchNorm or unit rows before the classifier).")
+        res = linear_probe_augmented(subject, tr, te, norm=args.norm,
+                                     lr=args.lr[0], epochs=args.epochs, batch_size=args.probe_batch_size,
+                                     weight_decay=args.weight_decay, seed=args.seed, progress=True)
+        save_dir = subject.run_dir / "eval" if subject.run_dir is not None else None
+        name = "linear_augmented"
     else:
-        if not (args.train and args.test):
-            raise UserError("give a run directory / checkpoint, or both --train and --test feature files.")
-        bank, bank_y = load_features(args.train)
-        query, query_y = load_features(args.test)
-        if bank_y is None or query_y is None:
-            raise UserError("kNN accuracy needs FILE.labels.npy next to both feature files (written by `embed`).")
-    res = {}
-    for k in args.k:
-        res[k] = knn_accuracy(query, query_y, bank, bank_y, k=k, t=args.t)
-        print(f"weighted kNN k={k} t={args.t}: top-1 {res[k]['top1']:.2f}% top-5 {res[k]['top5']:.2f}%")
-    print(f"{res[args.k[-1]]['top1']:.2f}")
+        ev = _features(args, args.features)
+        res = linear_probe(ev.train_x, ev.train_y, ev.test_x, ev.test_y, num_classes=ev.num_classes,
+                           norm=args.norm, lrs=args.lr, epochs=args.epochs, batch_size=args.probe_batch_size,
+                           weight_decay=args.weight_decay, seed=args.seed)
+        save_dir, name = ev.save_dir, "linear" if args.features == "backbone" else f"linear_{args.features}"
+    save_result(save_dir, name, {"features": "backbone" if args.augmented else args.features, **res})
+    print(f"linear probe ({res['norm']} inputs, lr {res['lr']:g}, {res['epochs']} epochs, {res['time_s']:.1f} s): "
+          f"top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}%")
+    print(f"{res['top1']:.2f}")
+    return 0
+
+
+def cmd_lowshot(args: argparse.Namespace) -> int:
+    from instdisc.evaluate import low_shot, save_result
+
+    ev = _features(args, args.features)
+    rows = low_shot(ev.train_x, ev.train_y, ev.test_x, ev.test_y, shots=args.shots, draws=args.draws,
+                    classifier=args.classifier, C=args.C, norm=args.norm, seed=args.seed)
+    save_result(ev.save_dir, "lowshot", {"features": args.features, "classifier": args.classifier, "C": args.C,
+                                         "draws": args.draws, "rows": rows})
+    for r in rows:
+        print(f"k={r['k']:>3}: " + (f"{r['mean']:.2f} +- {r['std']:.2f} ({len(r['runs'])} draws)"
+                                    if "mean" in r else f"skipped ({r['skipped']})"))
+    return 0
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    from instdisc.evaluate import format_table, save_result, split_stages, stage_table
+
+    ev = _features(args, "stages")
+    rows = stage_table(split_stages(ev.train_x, ev.stage_dims), ev.train_y, split_stages(ev.test_x, ev.stage_dims),
+                       ev.test_y, num_classes=ev.num_classes, knn_k=args.knn_k, knn_t=args.knn_t,
+                       epochs=args.epochs, norm=args.norm, lrs=args.lr, seed=args.seed)
+    save_result(ev.save_dir, "stages", {"rows": rows})
+    print(format_table(rows, ["stage", "dim", "linear_top1", "linear_top5", "knn_top1"]))
+    return 0
+
+
+def cmd_neighbors(args: argparse.Namespace) -> int:
+    from instdisc.report import neighbour_figure
+
+    ev = _features(args, "embedding")
+    img, caption = neighbour_figure(ev, queries=args.queries, k=args.k, seed=args.seed, indices=args.ids)
+    img.save(args.out)
+    print(caption)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from instdisc.report import map_figure
+
+    ev = _features(args, "embedding")
+    img, caption = map_figure(ev.test_x, ev.test_y, ev.classes, method=args.method, max_points=args.max_points,
+                              seed=args.seed)
+    img.save(args.out)
+    print(caption)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from instdisc.report import build_report
+
+    path = build_report(args.run, data=args.data, device=args.device, queries=args.queries, k=args.k,
+                        map_method=args.map, full=args.full, seed=args.seed, batch_size=args.batch_size,
+                        cache_dir=args.cache_dir, progress=True, out=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from instdisc.published import convert, read_weights
+
+    print(convert(read_weights(args.path), args.layout).summary())
+    return 0
+
+
+def cmd_clusters(args: argparse.Namespace) -> int:
+    from instdisc.cluster import run_clusters
+
+    recs = run_clusters(args.run, data=args.data, heads=args.head, clusters=args.top, per_cluster=args.per_cluster,
+                        cache_dir=args.cache_dir, progress=True)
+    for r in recs:
+        scores = " ".join(f"{k} {r[k]:.4f}" for k in ("nmi", "ari", "purity", "acc") if k in r)
+        print(f"head {r['head']}: {r['used']}/{r['clusters']} clusters used {scores}".rstrip())
+        print(f"  wrote {r['labels']} and {r['grid']}")
     return 0
 
 
@@ -215,19 +367,122 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir", default=None)
     e.set_defaults(func=cmd_embed)
 
-    k = sub.add_parser("knn", help="weighted kNN accuracy of a run or of exported features",
-                       description="Weighted kNN (NPID): top-k cosine neighbours vote with weights exp(s/t). "
-                                   "The last line printed is the top-1 accuracy (percent) alone, for scripts.")
-    k.add_argument("run", nargs="?", help="run directory or checkpoint (embeds its train and test splits)")
-    k.add_argument("--train", help="exported training features FILE.npy (with FILE.labels.npy)")
-    k.add_argument("--test", help="exported test features FILE.npy (with FILE.labels.npy)")
-    k.add_argument("--data", help="source for a run (default: the run's own)")
-    k.add_argument("-k", type=int, nargs="+", default=[200], help="neighbours (default 200; several allowed)")
-    k.add_argument("-t", type=float, default=0.07, help="temperature of the weights (default 0.07)")
-    k.add_argument("--batch-size", type=int, default=256)
-    k.add_argument("--device", default="auto")
-    k.add_argument("--cache-dir", default=None)
+    def features_args(q: argparse.ArgumentParser, *, files: bool = True, kind: str | None = None) -> None:
+        q.add_argument("run", nargs="?", help="run directory, checkpoint, or released weights (see `instdisc weights`)")
+        if files:
+            q.add_argument("--train", help="exported training features FILE.npy (with FILE.labels.npy)")
+            q.add_argument("--test", help="exported test features FILE.npy (with FILE.labels.npy)")
+        q.set_defaults(train=None, test=None)
+        if kind:
+            q.add_argument("--features", choices=["embedding", "backbone"], default=kind,
+                           help=f"embedding (the method's normalised output) or backbone (pooled trunk) (default {kind})")
+        q.add_argument("--data", help="source to evaluate on (default: the run's own; required for released weights)")
+        q.add_argument("--layout", default=None, help="layout of released weights (default: detected)")
+        q.add_argument("--batch-size", type=int, default=256, help="images per forward pass when embedding")
+        q.add_argument("--device", default="auto")
+        q.add_argument("--cache-dir", default=None, help="decoded-image cache")
+        q.add_argument("--no-cache", action="store_true", help="do not reuse or write RUN_DIR/eval/features")
+        q.add_argument("--seed", type=int, default=0)
+
+    k = sub.add_parser("knn", help="weighted kNN sweep over k and t, of a run or of exported features",
+                       description="Weighted kNN (NPID): top-k cosine neighbours vote with weights exp(s/t); every "
+                                   "(k, t) pair comes from one neighbour search. Results of a run also go to "
+                                   "RUN_DIR/eval/knn.json. The last line printed is the top-1 accuracy (percent) "
+                                   "of the last k and t alone, for scripts.")
+    features_args(k, kind="embedding")
+    k.add_argument("-k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (default 10 20 100 200)")
+    k.add_argument("-t", type=float, nargs="+", default=[0.07], help="temperatures of the weights (default 0.07)")
+    k.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto",
+                   help="neighbour search; auto = faiss (if installed) for banks of 2,000,000+ rows")
     k.set_defaults(func=cmd_knn)
+
+    li = sub.add_parser("linear", help="linear probe on frozen features (top-1/top-5)",
+                        description="Softmax regression on cached frozen features: SGD momentum 0.9, cosine "
+                                    "schedule, batch 256, 100 epochs, zero init; the lr is picked from --lr on a "
+                                    "held-out 10% of the training set, then retrained on all of it. --augmented "
+                                    "instead trains on random crops + flips through the frozen backbone every "
+                                    "epoch (slow; for GPUs). The last line is the top-1 alone.")
+    features_args(li, kind="backbone")
+    li.add_argument("--norm", choices=["bn", "l2", "none"], default="bn",
+                    help="input normalisation: bn = standardise with training statistics, l2 = unit rows (default bn)")
+    li.add_argument("--lr", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0], help="learning rate(s) to choose from")
+    li.add_argument("--epochs", type=int, default=100)
+    li.add_argument("--probe-batch-size", type=int, default=256)
+    li.add_argument("--weight-decay", type=float, default=0.0)
+    li.add_argument("--augmented", action="store_true", help="train on augmented images through the backbone")
+    li.set_defaults(func=cmd_linear)
+
+    lo = sub.add_parser("lowshot", help="low-shot linear SVM / logistic regression, k = 1..96 images per class",
+                        description="For each k, --draws seeded random draws of k training images per class, a "
+                                    "linear classifier on L2-normalised frozen features; mean +- std top-1.")
+    features_args(lo, kind="backbone")
+    lo.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96])
+    lo.add_argument("--draws", type=int, default=5)
+    lo.add_argument("--classifier", choices=["svm", "logreg"], default="svm")
+    lo.add_argument("-C", type=float, default=1.0, help="inverse regularisation of the classifier (default 1)")
+    lo.add_argument("--norm", choices=["l2", "bn", "none"], default="l2")
+    lo.set_defaults(func=cmd_lowshot)
+
+    st = sub.add_parser("stages", help="linear probe and kNN on the pooled output of each ResNet stage")
+    features_args(st, files=False)
+    st.add_argument("--epochs", type=int, default=100)
+    st.add_argument("--norm", choices=["bn", "l2", "none"], default="bn")
+    st.add_argument("--lr", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
+    st.add_argument("--knn-k", type=int, default=200)
+    st.add_argument("--knn-t", type=float, default=0.07)
+    st.set_defaults(func=cmd_stages)
+
+    nb = sub.add_parser("neighbors", help="PNG grid: test queries and their nearest training images",
+                        description="Each row: a test image (blue frame) then its -k nearest training images by "
+                                    "cosine similarity of the embedding, framed green (same label) or red.")
+    features_args(nb, files=False)
+    nb.add_argument("--out", required=True, help="output PNG")
+    nb.add_argument("--ids", type=int, nargs="+", default=None, help="test indices to query (default: random)")
+    nb.add_argument("--queries", type=int, default=8, help="number of random queries (default 8)")
+    nb.add_argument("-k", type=int, default=20, help="neighbours per query (default 20)")
+    nb.set_defaults(func=cmd_neighbors)
+
+    mp = sub.add_parser("map", help="PNG: 2-D map (PCA or t-SNE) of the test embedding, coloured by label")
+    features_args(mp, files=False)
+    mp.add_argument("--out", required=True, help="output PNG")
+    mp.add_argument("--method", choices=["pca", "tsne"], default="pca", help="pca (fast) or tsne (default pca)")
+    mp.add_argument("--max-points", type=int, default=2000)
+    mp.set_defaults(func=cmd_map)
+
+    rp = sub.add_parser("report", help="self-contained HTML report of a run (RUN_DIR/report.html)")
+    rp.add_argument("run", help="run directory")
+    rp.add_argument("--data", help="source to evaluate on (default: the run's own)")
+    rp.add_argument("--out", default=None, help="output HTML (default RUN_DIR/report.html)")
+    rp.add_argument("--full", action="store_true", help="also run linear probe, low-shot and per-stage protocols")
+    rp.add_argument("--queries", type=int, default=8)
+    rp.add_argument("-k", type=int, default=20)
+    rp.add_argument("--map", choices=["pca", "tsne"], default="pca")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--batch-size", type=int, default=256)
+    rp.add_argument("--device", default="auto")
+    rp.add_argument("--cache-dir", default=None)
+    rp.set_defaults(func=cmd_report)
+
+    w = sub.add_parser("weights", help="check released NPID/PIC/SeLa weights against our backbones",
+                       description="Reads a released checkpoint, maps every key to instdisc's backbones and prints "
+                                   "what it holds; fails listing the keys that do not map. Layouts:\n"
+                                   "lemniscate, lemniscate-cifar, pic, sela, sela-v1 (sela-v2, sela-alexnet: "
+                                   "recognised). See docs/evaluation.md.")
+    w.add_argument("path", help="checkpoint file")
+    w.add_argument("--layout", default=None, help="force a layout (default: detected)")
+    w.set_defaults(func=cmd_weights)
+
+    cl = sub.add_parser("clusters", help="a SeLa run's pseudo-labels: NMI/ARI/purity/accuracy, .npy per head, PNG grid",
+                        description="Reads the run's last checkpoint; writes RUN_DIR/pseudo_labels/head{h}.npy "
+                                    "(int64, row i = training image i) and RUN_DIR/clusters/head{h}.png (the purest "
+                                    "clusters first, one row of sample images each).")
+    cl.add_argument("run", help="SeLa run directory or checkpoint")
+    cl.add_argument("--head", type=int, nargs="+", default=None, help="heads to report (default: all)")
+    cl.add_argument("--top", type=int, default=10, help="clusters (rows) in the grid (default 10)")
+    cl.add_argument("--per-cluster", type=int, default=10, help="images per row (default 10)")
+    cl.add_argument("--data", help="training source (default: the run's own)")
+    cl.add_argument("--cache-dir", default=None)
+    cl.set_defaults(func=cmd_clusters)
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_cmd", metavar="ACTION")
@@ -248,8 +503,23 @@ def _tune_runtime() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+_plain_formatwarning = warnings.formatwarning
+
+
+def _formatwarning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """Our warnings as one line, like our errors; others as Python prints them."""
+    if issubclass(category, InstdiscWarning):
+        return f"instdisc: warning: {message}\n"
+    return _plain_formatwarning(message, category, filename, lineno, line)
+
+
+# Failures of the machine rather than of the program: a message, not a traceback.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.EIO}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _tune_runtime()
+    warnings.formatwarning = _formatwarning
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "train":
@@ -266,3 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("instdisc: interrupted; the last checkpoint is intact (continue with --resume).", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"instdisc: error: {e.strerror or e}{where}. Free some space or fix the permissions; a training "
+              "run's last checkpoint is intact (continue it with --resume).", file=sys.stderr)
+        return 2

@@ -40,11 +40,21 @@ class DataConfig:
         default=None, metadata={"help": "side of the stored images (default: the source's own for small images)"}
     )
     workers: int = field(default=4, metadata={"help": "decoding workers for streamed (large-image) sources"})
+    sampler: Literal["shuffle", "sliding"] = field(
+        default="shuffle",
+        metadata={"help": "data order: a fresh permutation per epoch, or PIC's sliding window (an epoch is still N images)"},
+    )
+    window: int = field(
+        default=0, metadata={"help": "--sampler sliding: window D in images; 0 = N // 10 (PIC ImageNet: 131072)"}
+    )
+    stride: int = field(
+        default=0, metadata={"help": "--sampler sliding: slide S per window; 0 = D // 8 (PIC ImageNet: 16384)"}
+    )
 
 
 @dataclass
 class ModelConfig:
-    arch: str = field(default="resnet18", metadata={"help": "resnet18 | resnet34 | resnet50"})
+    arch: str = field(default="resnet18", metadata={"help": "resnet18 | resnet34 | resnet50 | alexnet (SeLa's)"})
     width: int = field(default=64, metadata={"help": "channels of the first stage (64 = standard; 16/32 for CPU)"})
     cifar_stem: bool = field(
         default=True, metadata={"help": "3x3 stem without max-pool for 32-px images (NPID's CIFAR ResNet)"}
@@ -87,6 +97,17 @@ class RunConfig:
     log_every: int = field(default=20, metadata={"help": "steps between metric lines"})
     ckpt_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps (0 = per epoch only)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps in total (0 = no limit)"})
+    skip_nonfinite: int = field(
+        default=0,
+        metadata={"help": "skip up to N steps whose loss or gradient is NaN/inf (with a warning each; the step "
+                          "leaves weights, optimizer and method state untouched) instead of stopping at the first"},
+    )
+    dist_timeout: float = field(
+        default=600.0,
+        metadata={"help": "seconds a collective waits for the other processes before the run fails (a dead or "
+                          "stalled rank then stops every rank instead of hanging them); $INSTDISC_DIST_TIMEOUT "
+                          "overrides the default"},
+    )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -305,9 +326,14 @@ def validate(cfg: TrainConfig) -> None:
         (0 < o.gamma <= 1, f"--gamma must be in (0, 1]; got {o.gamma}"),
         (o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0; got {o.warmup_epochs}"),
         (cfg.model.width >= 1, f"--width must be >= 1; got {cfg.model.width}"),
+        (cfg.data.window >= 0 and cfg.data.stride >= 0, "--window and --stride must be >= 0 (0 = automatic)"),
         (r.knn_k >= 1, f"--knn-k must be >= 1; got {r.knn_k}"),
         (r.knn_t > 0, f"--knn-t must be > 0; got {r.knn_t}"),
         (r.log_every >= 1, f"--log-every must be >= 1; got {r.log_every}"),
+        (r.ckpt_every_steps >= 0, f"--ckpt-every-steps must be >= 0; got {r.ckpt_every_steps}"),
+        (r.max_steps >= 0, f"--max-steps must be >= 0; got {r.max_steps}"),
+        (r.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0; got {r.skip_nonfinite}"),
+        (r.dist_timeout > 0, f"--dist-timeout must be > 0 seconds; got {r.dist_timeout}"),
     ]
     a = cfg.aug
     checks += [

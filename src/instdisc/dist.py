@@ -91,6 +91,45 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+class _AllGatherGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Every rank's loss depends on this rank's rows: their gradient is the sum over ranks.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        n = grad.shape[0] // world_size()
+        return grad[rank() * n : (rank() + 1) * n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """`all_gather_cat` through which gradients flow back to each rank's own slice.
+
+    For losses whose negatives come from the global batch (SimCLR). Each rank computes the loss of
+    its *own* rows against the gathered ones; the backward pass sums, over ranks, the gradient with
+    respect to this rank's rows. With DDP's gradient averaging the result is the gradient of the
+    mean loss over the global batch, i.e. what one process holding the whole batch would compute.
+    The identity (with gradient) when not distributed. All ranks must pass the same shape.
+    """
+    if world_size() == 1:
+        return x
+    return _AllGatherGrad.apply(x)
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's picklable `obj`, in rank order; `[obj]` when not distributed."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @torch.no_grad()
 def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce ("sum" or "mean"); identity when not distributed."""

@@ -14,7 +14,10 @@ import json
 import math
 import os
 import random
+import sys
 import time
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,21 +28,19 @@ from torch import Tensor, nn
 
 from instdisc import __version__, dist
 from instdisc.augment import AugmentConfig, augment
-from instdisc.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from instdisc.checkpoint import atomic_write_text, checkpoint_dir, load_checkpoint, save_checkpoint
 from instdisc.config import OptimConfig, TrainConfig
 from instdisc.dist import Env
-from instdisc.errors import CheckpointError, DataError, UserError
+from instdisc.errors import CheckpointError, DataError, InstdiscWarning, NonFiniteError, UserError
 from instdisc.features import extract_features
 from instdisc.knn import knn_accuracy
-from instdisc.loader import TrainLoader
+from instdisc.loader import TrainLoader, make_order
 from instdisc.methods import METHODS, EpochContext, Method
 from instdisc.models import build_backbone
 from instdisc.progress import Progress
 from instdisc.sources import ImageSet, open_source
 
-
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite."""
+NonFiniteLossError = NonFiniteError  # the older name
 
 
 def build_method(cfg: TrainConfig, num_samples: int) -> Method:
@@ -94,16 +95,31 @@ class MetricLog:
         self.path = path
 
     def write(self, **rec: Any) -> None:
-        if self.path is not None:
+        if self.path is None:
+            return
+        try:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise UserError(
+                f"could not append to {str(self.path)!r}: {e.strerror or e}. The last checkpoint is intact; "
+                "free some space and continue with --resume."
+            ) from None
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines logged after the checkpoint, which will be logged again."""
+        """On resume: drop lines logged after the checkpoint (they will be logged again) and a line
+        cut short by a kill. Rewritten atomically: a second kill cannot lose the log."""
         if self.path is None or not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = []
+        for ln in self.path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                keep.append(ln)
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
 
 
 @dataclass
@@ -111,6 +127,139 @@ class TrainState:
     epoch: int = 0  # current epoch
     epoch_step: int = 0  # steps already done in the current epoch
     step: int = 0  # global step
+    skipped: int = 0  # steps skipped so far for a non-finite loss/gradient (--skip-nonfinite)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every global generator of this process, as plain tensors and numbers (weights_only-loadable).
+
+    The loop reseeds torch per step, and augmentation draws from a per-step generator, so these
+    matter only for draws outside steps (e.g. an epoch-start hook) and for code that uses numpy's
+    or Python's global generators. Restoring them makes a resumed process indistinguishable.
+    """
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
+    }
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def set_rng_state(st: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(st["torch"])
+    npst = st["numpy"]
+    np.random.set_state(("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"]))
+    py = st["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def order_fingerprint(order: Tensor) -> int:
+    """CRC-32 of an epoch's data order (or of one batch's indices)."""
+    return zlib.crc32(order.detach().cpu().to(torch.int64).numpy().tobytes())
+
+
+class NonFiniteGuard:
+    """What a step whose loss or gradient is NaN/inf does: stop with a clear error (default), or,
+    with --skip-nonfinite N, be skipped, at most N times over the whole run.
+
+    A skipped step leaves no trace except its step number (its batch is consumed and the lr
+    schedule moves on): the optimizer does not step, and whatever the method changed during forward
+    (buffers such as NPID's bank or MoCo's queue, and frozen parameters such as MoCo's key encoder)
+    is put back from a copy taken just before forward. That copy costs one extra copy of those
+    tensors per step, so it is only made when skipping is allowed. The skip count is saved in the
+    checkpoint, so a resumed run makes the same decisions and shares the same budget.
+
+    Either way a debug snapshot goes to RUN_DIR/debug/step<S>-rank<R>.pt: the step, the rank's batch
+    indices and step seed, the loss and what was non-finite; when stopping, rank 0's also holds the
+    model state (parameters as before the step; buffers as before it only if a copy was taken).
+    """
+
+    def __init__(
+        self, method: Method, *, max_skips: int, check_grads: bool, debug_dir: Path, rank: int, is_main: bool,
+        config: dict[str, Any],
+    ) -> None:
+        self.method, self.max_skips, self.check_grads = method, max_skips, check_grads
+        self.debug_dir, self.rank, self.is_main, self.config = debug_dir, rank, is_main, config
+        self.params = [p for p in method.parameters() if p.requires_grad]
+        self.volatile = [*method.buffers(), *(p for p in method.parameters() if not p.requires_grad)]
+        self.saved: list[Tensor] | None = None
+
+    def before_forward(self) -> None:
+        if self.max_skips > 0:
+            self.saved = [t.detach().clone() for t in self.volatile]
+
+    @torch.no_grad()
+    def check(self, loss: Tensor, clip_grad: float) -> tuple[bool, bool]:
+        """(loss non-finite on some rank, gradient non-finite), the same on every rank; clips the
+        gradient norm when asked. The step's one host synchronisation."""
+        norm = torch.zeros((), device=loss.device)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip_grad)
+        elif self.check_grads and grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+        if not self.check_grads:  # fp16: inf gradients are the GradScaler's business
+            norm = torch.zeros((), device=loss.device)
+        flags = torch.stack([~torch.isfinite(loss.detach().float()), ~torch.isfinite(norm.float().to(loss.device))])
+        flags = dist.all_reduce_(flags.float())  # (2,) a loss may be NaN on one rank only: decide together
+        bad_loss, bad_grad = (flags > 0).tolist()
+        return bad_loss, bad_grad
+
+    def _describe(self, bad_loss: bool, loss: float) -> str:
+        if bad_loss:
+            return f"the loss became {loss}" if not math.isfinite(loss) else "the loss became non-finite on another process"
+        for name, p in self.method.named_parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return f"the gradient of {name} became {'nan' if bool(torch.isnan(p.grad).any()) else 'inf'}"
+        return "the gradient norm became inf (every gradient is finite, but their norm overflows)"
+
+    def _snapshot(self, record: dict[str, Any], with_model: bool) -> str:
+        path = self.debug_dir / f"step{record['step']:08d}-rank{self.rank}.pt"
+        try:
+            self.debug_dir.mkdir(parents=True, exist_ok=True)
+            if with_model and self.is_main:
+                record = {**record, "model": self.method.state_dict(), "config": self.config}
+            torch.save(record, path)
+        except OSError as e:
+            return f"(no debug snapshot: {e.strerror or e})"
+        return str(path)
+
+    def handle(self, bad: tuple[bool, bool], loss: Tensor, idx: Tensor, state: TrainState, *, seed: int) -> str:
+        """Undo the forward's state changes and return a description (skip), or raise NonFiniteError."""
+        value = float(loss.detach().float())
+        what = self._describe(bad[0], value)
+        if self.saved is not None:
+            for t, s in zip(self.volatile, self.saved, strict=True):
+                t.data.copy_(s)
+        skip = state.skipped < self.max_skips
+        # Numbered as metrics.jsonl numbers it: the N-th step is step N (the checkpoint before it is
+        # at step N - 1).
+        number = state.step + 1
+        where = f"step {number} (epoch {state.epoch + 1}, batch {state.epoch_step + 1} of the epoch)"
+        record = {"step": number, "epoch": state.epoch, "epoch_step": state.epoch_step, "rank": self.rank,
+                  "seed": seed, "what": what, "loss": value, "idx": idx.detach().cpu()}
+        snap = self._snapshot(record, with_model=not skip)
+        if not skip:
+            used = (f" --skip-nonfinite allowed {self.max_skips} skipped step(s) and all were used."
+                    if self.max_skips else "")
+            raise NonFiniteError(
+                f"{what} at {where}; training stopped.{used} Debug snapshot (batch indices, loss, model "
+                f"state): {snap}. Try a lower --lr, --precision fp32 or --clip-grad, or let such steps be "
+                "skipped with --skip-nonfinite N; the last checkpoint is intact for --resume."
+            )
+        state.skipped += 1
+        if self.is_main:
+            print(f"instdisc: warning: skipped {where}: {what} ({state.skipped} of {self.max_skips} allowed by "
+                  f"--skip-nonfinite; weights, optimizer and method state left as before the step). Batch indices: "
+                  f"{snap}", file=sys.stderr, flush=True)
+        return what
 
 
 def train_one_epoch(
@@ -127,10 +276,14 @@ def train_one_epoch(
     clip_grad: float,
     channels_last: bool,
     max_steps: int,
+    guard: NonFiniteGuard,
     on_step: Any,
     bar: Progress,
 ) -> dict[str, float]:
-    """One pass over the epoch's batches; returns the epoch's mean loss and throughput."""
+    """One pass over the epoch's batches; returns the epoch's mean loss and throughput.
+
+    on_step(out, idx, skipped) runs after every step, skipped or not (logging, step checkpoints).
+    """
     model.train()
     device = loader.device
     total, count, t0, seen = torch.zeros((), device=device), 0, time.perf_counter(), 0
@@ -144,28 +297,31 @@ def train_one_epoch(
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         for group in optimizer.param_groups:
             group["lr"] = float(lrs[state.step])
+        guard.before_forward()
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(views, idx)
         loss = out.loss
-        if not torch.isfinite(loss).item():
-            raise NonFiniteLossError(
-                f"the loss became {loss.item()} at step {state.step} (epoch {state.epoch}). Try a lower "
-                "--lr, --precision fp32 or --clip-grad; the last checkpoint is intact for --resume."
-            )
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # on every rank even if its loss is NaN: DDP's all-reduce needs it
         if clip_grad > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        total += loss.detach()
-        count += 1
+        bad = guard.check(loss, clip_grad)
+        skipped = any(bad)
+        if skipped:
+            guard.handle(bad, loss, idx, state, seed=s)  # raises unless --skip-nonfinite allows a skip
+            optimizer.zero_grad(set_to_none=True)
+            if scaler.is_enabled():  # forget this step's unscale, back off like an inf step would
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.detach()
+            count += 1
         seen += x.shape[0] * loader.world
         state.step += 1
         state.epoch_step += 1
         bar.update(x.shape[0] * loader.world, postfix=f"loss {loss.item():.4f} lr {lrs[state.step - 1]:.4g}")
-        on_step(out)
+        on_step(out, idx, skipped)
         if max_steps and state.step >= max_steps:
             break
     dt = time.perf_counter() - t0
@@ -228,8 +384,11 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     except OSError as e:
         raise UserError(f"cannot write to the run directory {str(out)!r}: {e.strerror or e}.") from None
     if overwrite and not resume:
-        for p in [out / "metrics.jsonl", checkpoint_dir(out) / "last.pt", checkpoint_dir(out) / "prev.pt"]:
+        ckd = checkpoint_dir(out)
+        for p in [out / "metrics.jsonl", ckd / "last.pt", ckd / "prev.pt", ckd / "last.pt.damaged"]:
             p.unlink(missing_ok=True)
+        for p in (out / "debug").glob("step*-rank*.pt"):
+            p.unlink()
 
 
 def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -241,12 +400,17 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
         prepare_run_dir(out, resume=resume, overwrite=overwrite)
     dist.barrier()
     if resume:
-        ck = load_checkpoint(out)
+        ck = load_checkpoint(out, quarantine=env.is_main)
         if ck.get("method") != r.method:
             raise CheckpointError(f"the checkpoint in {str(out)!r} is a {ck.get('method')!r} run, not {r.method!r}.")
 
     train, test = open_sets(cfg)
     n = len(train)
+    if ck is not None and int(ck.get("num_samples", n)) != n:
+        raise CheckpointError(
+            f"the training set changed: {cfg.data.data!r} now has {n} images, the checkpoint was trained on "
+            f"{ck['num_samples']}. Resuming would not continue the same run; start a new one (another --out)."
+        )
     # Same seed on every rank before building: identical initial weights and buffers.
     torch.manual_seed(r.seed)
     random.seed(r.seed)
@@ -263,7 +427,10 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
             method.load_state_dict(ck["model"])
         except RuntimeError as e:
             raise CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
-        optimizer.load_state_dict(ck["optimizer"])
+        try:
+            optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this model: {e}") from None
         scaler.load_state_dict(ck["scaler"])
         state = TrainState(**ck["state"])
     dist.broadcast_buffers(method)
@@ -275,9 +442,11 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
     if r.compile:
         model = torch.compile(model)
 
+    d = cfg.data
+    order = make_order(d.sampler, n, seed=r.seed, window=d.window, stride=d.stride, batch_size=o.batch_size)
     loader = TrainLoader(
         train, o.batch_size, seed=r.seed, rank=env.rank, world_size=env.world_size,
-        device=env.device, workers=cfg.data.workers,
+        device=env.device, workers=cfg.data.workers, order=order,
     )
     spe = loader.steps_per_epoch()
     lr_cfg = o
@@ -287,7 +456,7 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
     view_cfgs = method.views(cfg.aug)
     log = MetricLog(out / "metrics.jsonl" if env.is_main else None)
     if env.is_main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         if resume:
             log.truncate_after(state.step)
     dist.print0(
@@ -297,16 +466,47 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
         + (f"; resuming at epoch {state.epoch} step {state.step}" if ck is not None else "")
     )
 
+    orders: dict[int, int] = {}  # epoch -> fingerprint of its data order (computed once per epoch)
+
+    def sampler_state() -> dict[str, int]:
+        if state.epoch not in orders:
+            orders.clear()
+            orders[state.epoch] = order_fingerprint(loader.order(state.epoch))
+        return {"epoch": state.epoch, "position": state.epoch_step, "order_crc32": orders[state.epoch]}
+
     def save() -> None:
         dist.sync_norm_stats(method)
         if not dist.buffers_agree(method):
             raise RuntimeError(f"method state differs across ranks at step {state.step}: this is a bug, please report it")
+        rngs = dist.all_gather_object(rng_state(env.device))  # one per rank, in rank order
         if env.is_main:
             save_checkpoint(out, {
                 "version": __version__, "method": r.method, "num_samples": n, "config": cfg.to_dict(), "model": method.state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": dict(state.__dict__),
+                "sampler": sampler_state(), "rng": rngs, "world_size": env.world_size,
             })
         dist.barrier()
+
+    if ck is not None:
+        # The data order is a function of (seed, epoch); check that this process regenerates the
+        # one the checkpoint was taken with (it would not under, say, another torch's randperm).
+        saved_order = (ck.get("sampler") or {}).get("order_crc32")
+        if saved_order is not None and saved_order != sampler_state()["order_crc32"]:
+            warnings.warn(
+                "the data order of this epoch differs from the one the checkpoint was taken with (another "
+                "torch version?): the run continues, but not bit-identically to an uninterrupted one.",
+                InstdiscWarning, stacklevel=2,
+            )
+        rngs = ck.get("rng") or []
+        if len(rngs) == env.world_size:
+            set_rng_state(rngs[env.rank], env.device)
+        elif rngs:
+            dist.print0(f"note: the checkpoint was taken with {len(rngs)} process(es), this run has "
+                        f"{env.world_size}: global random generators start afresh.")
+    guard = NonFiniteGuard(
+        method, max_skips=r.skip_nonfinite, check_grads=not scaler.is_enabled(), debug_dir=out / "debug",
+        rank=env.rank, is_main=env.is_main, config=cfg.to_dict(),
+    )
 
     def ctx_predict(fn: Any) -> Tensor:
         # Eval mode: BatchNorm uses (and does not update) its running statistics.
@@ -331,16 +531,25 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
             )))
         bar = Progress(spe * o.batch_size, desc=f"epoch {state.epoch + 1}/{o.epochs}", enabled=r.progress and env.is_main)
 
-        def on_step(step_out: Any) -> None:
-            if state.step % r.log_every == 0:
+        def on_step(step_out: Any, idx: Tensor, skipped: bool) -> None:
+            if skipped:
+                log.write(type="skip", step=state.step, epoch=state.epoch, skipped=state.skipped,
+                          loss=float(step_out.loss.detach()))
+            elif state.step % r.log_every == 0:
+                # "batch": CRC-32 of rank 0's dataset indices, evidence of the data order.
                 log.write(type="step", step=state.step, epoch=state.epoch, lr=float(lrs[state.step - 1]),
-                          loss=float(step_out.loss.detach()), **{k: float(v) for k, v in step_out.logs.items()})
-            if r.ckpt_every_steps and state.step % r.ckpt_every_steps == 0:
+                          loss=float(step_out.loss.detach()), batch=order_fingerprint(idx),
+                          **{k: float(v) for k, v in step_out.logs.items()})
+            # Not at the epoch's last step or at --max-steps: the end-of-loop save follows at once, and
+            # a duplicate would push the genuinely older checkpoint out of prev.pt.
+            ends = state.epoch_step >= spe or bool(r.max_steps and state.step >= r.max_steps)
+            if r.ckpt_every_steps and state.step % r.ckpt_every_steps == 0 and not ends:
                 save()
 
         stats = train_one_epoch(
             model, loader, view_cfgs, optimizer, lrs, state, seed=r.seed, amp=amp, scaler=scaler,
-            clip_grad=o.clip_grad, channels_last=r.channels_last, max_steps=r.max_steps, on_step=on_step, bar=bar,
+            clip_grad=o.clip_grad, channels_last=r.channels_last, max_steps=r.max_steps, guard=guard, on_step=on_step,
+            bar=bar,
         )
         bar.close()
         dist.sync_norm_stats(method)  # every rank evaluates with the same model

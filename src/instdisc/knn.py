@@ -97,10 +97,24 @@ def knn_sweep(
         sims = query[start : start + step] @ bank.t()  # (q, N)
         top_s, top_i = sims.topk(k_max, dim=1)  # (q, k_max), sorted descending
         top_y = bank_labels[top_i]  # (q, k_max)
-        for k in ks:
-            for t in ts:
-                out[(k, t)].append(_votes(top_s, top_y, k, t, c))
+        for key, scores in scores_from_neighbours(top_s, top_y, ks=ks, ts=ts, num_classes=c).items():
+            out[key].append(scores)
     return {key: torch.cat(v) for key, v in out.items()}
+
+
+def scores_from_neighbours(
+    top_sims: Tensor, top_labels: Tensor, *, ks: Sequence[int], ts: Sequence[float], num_classes: int
+) -> dict[tuple[int, float], Tensor]:
+    """Weighted-kNN votes from already found neighbours (any search backend).
+
+    Args:
+        top_sims: (Q, k_max) cosine similarities, sorted descending along dim 1.
+        top_labels: (Q, k_max) labels of those neighbours.
+        ks: neighbour counts, each <= k_max; ts: temperatures.
+    Returns:
+        {(k, t): (Q, C) scores}.
+    """
+    return {(k, t): _votes(top_sims, top_labels, k, t, num_classes) for k in ks for t in ts}
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:

@@ -35,6 +35,75 @@ def random_order(num_samples: int, seed: int) -> Order:
     return order
 
 
+def sliding_window_order(
+    num_samples: int, seed: int, *, window: int, stride: int, epoch_len: int | None = None
+) -> Order:
+    """PIC's sliding-window data scheduler (Cao et al., NeurIPS 2020, Sec. 3.3) as an `Order`.
+
+    A fixed random arrangement of the N images is read through a window of D consecutive positions
+    that slides by S: window w covers positions ``(w*S + arange(D)) mod N`` and visits them in its
+    own random order. Consecutive windows share D - S positions, so most images come back after
+    about D images instead of N (an image sits in D/S consecutive windows, then waits about N/S
+    windows for the window to come round again). The modulus is over all N positions: the
+    reference sampler takes it modulo the window size, so without reshuffling it never leaves the
+    first window.
+
+    The windows, laid end to end, form one stream; epoch e is its slice ``[e*L, (e+1)*L)`` with L =
+    `epoch_len` (default N). An epoch therefore still means N images: --epochs, --warmup-epochs,
+    --milestones and the lr schedule keep their meaning, and the number of images seen equals the
+    requested epochs times N (the reference instead rescales its epoch count to ceil(E*N/D) windows;
+    same total). A window may straddle two epochs. Under torchrun the stream is global and every
+    global batch is split across ranks, so each rank reads a D/world share of each window and a run
+    sees the same batches whatever the number of processes.
+
+    Everything is a function of (seed, window number): resuming at (epoch, step) is exact.
+
+    Args:
+        num_samples: N.
+        seed: run seed (the arrangement and every window's order derive from it).
+        window: D, 1 <= D <= N (paper: 131,072 on ImageNet, about N/10).
+        stride: S, 1 <= S <= D (paper: 16,384 = D/8). S > D would skip positions for good.
+        epoch_len: stream entries per epoch; pass steps * batch so no entry is dropped.
+    """
+    n, d, s = num_samples, window, stride
+    if not 1 <= d <= n:
+        raise ConfigError(f"--window must be between 1 and the number of training images ({n}); got {d}.")
+    if not 1 <= s <= d:
+        raise ConfigError(f"--stride must be between 1 and --window ({d}), or images would be skipped; got {s}.")
+    length = n if epoch_len is None else epoch_len
+    base = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + 7))  # (N,) arrangement
+
+    def window_ids(w: int) -> Tensor:
+        pos = (w * s + torch.arange(d)) % n  # (D,) positions of window w, wrapping over all N
+        g = torch.Generator().manual_seed((seed * 1_000_003 + w) * 31 + 1)
+        return base[pos[torch.randperm(d, generator=g)]]  # (D,) image ids, shuffled within the window
+
+    def order(epoch: int) -> Tensor:
+        start = epoch * length  # stream offset of this epoch
+        first, last = start // d, (start + length - 1) // d
+        stream = torch.cat([window_ids(w) for w in range(first, last + 1)])
+        return stream[start - first * d : start - first * d + length]  # (L,)
+
+    return order
+
+
+def make_order(sampler: str, num_samples: int, *, seed: int, window: int = 0, stride: int = 0,
+               batch_size: int = 1) -> Order:
+    """The `Order` named by --sampler: "shuffle" (a permutation per epoch) or "sliding" (PIC's).
+
+    For "sliding", window 0 means N // 10 (the paper's D/N on ImageNet) and stride 0 means D // 8
+    (the paper's D/S).
+    """
+    if sampler == "shuffle":
+        return random_order(num_samples, seed)
+    if sampler == "sliding":
+        d = window or max(num_samples // 10, 1)
+        s = stride or max(d // 8, 1)
+        steps = num_samples // batch_size
+        return sliding_window_order(num_samples, seed, window=d, stride=s, epoch_len=steps * batch_size or num_samples)
+    raise ConfigError(f"unknown --sampler {sampler!r}; choose shuffle or sliding.")
+
+
 def images_to_tensor(images: ImageSet, device: torch.device | str = "cpu") -> Tensor:
     """(N, H, W, 3) uint8 tensor of an in-memory image set, on `device`."""
     if not isinstance(images, ArrayImageSet):

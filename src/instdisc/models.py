@@ -1,4 +1,4 @@
-"""Backbones (ResNet-18/34/50 with CIFAR or ImageNet stem, any width) and projection heads.
+"""Backbones (ResNet-18/34/50 with CIFAR or ImageNet stem, any width; SeLa's AlexNet) and projection heads.
 
 The backbones are plain ResNets with the classifier removed: ``module(x)`` returns globally
 average-pooled features ``(B, feat_dim)``, ``module.forward_stages(x)`` the pooled features of
@@ -9,6 +9,9 @@ The CIFAR stem is the one of NPID's CIFAR code (a 3x3 stride-1 convolution, no m
 keeps 32x32 inputs at full resolution in the first stage; the ImageNet stem is a 7x7 stride-2
 convolution followed by a 3x3 stride-2 max-pool. Bottleneck blocks put the stride on the 3x3
 convolution ("ResNet v1.5", as torchvision).
+
+``alexnet`` is the AlexNet with BatchNorm that SeLa (and DeepCluster before it) trains; see
+:class:`AlexNet` for its two layouts (224 px ImageNet, 32 px CIFAR).
 
 Example:
     >>> net, dim = build_backbone("resnet18", width=32)
@@ -28,10 +31,12 @@ from instdisc.errors import ConfigError
 
 __all__ = [
     "ARCHS",
+    "AlexNet",
     "BasicBlock",
     "Bottleneck",
     "ProjectionHead",
     "ResNet",
+    "alexnet",
     "build_backbone",
     "resnet18",
     "resnet34",
@@ -235,10 +240,96 @@ def resnet50(*, width: int = 64, cifar_stem: bool = True, zero_init_residual: bo
                   zero_init_residual=zero_init_residual)
 
 
-ARCHS: dict[str, Callable[..., ResNet]] = {
+class AlexNet(nn.Module):
+    """AlexNet with BatchNorm, as trained by SeLa (its ``--arch alexnet``, "big" layout).
+
+    ImageNet layout (``cifar_stem=False``, SeLa's models/alexnet.py, from DeepCluster), for
+    224 px input: conv 11x11/4 (96) - maxpool 3/2 - conv 5x5 (256) - maxpool 3/2 - conv 3x3 (384)
+    - conv 3x3 (384) - conv 3x3 (256) - maxpool 3/2 -> 256 x 6 x 6, then dropout - FC 4096 - ReLU
+    - dropout - FC 4096 - ReLU. Every convolution is followed by BatchNorm and ReLU.
+
+    CIFAR layout (``cifar_stem=True``, for 32 px input; our variant): the same five convolutions
+    and three max-pools, but the first convolution is 5x5 with stride 1 (the 11x11/4 one would
+    leave 7x7 maps after the first layer), so 32 px gives 256 x 3 x 3 before the FC layers. SeLa's
+    CIFAR code instead upsamples the images to 224 px and uses the ImageNet layout: 49x the pixels.
+
+    Output: the 4096-d activations after the second FC layer (SeLa's kNN features and the input of
+    its heads). An adaptive average pool to the layout's grid (6x6 or 3x3) before the FC layers is
+    the identity at the nominal input size and lets other sizes through.
+
+    Args:
+        width: 64 gives the standard channels (96, 256, 384, 384, 256) and FC width 4096; other
+            values scale all of them by width / 64 (for tests and CPU runs).
+        cifar_stem: the 32 px layout instead of the 224 px one.
+
+    Attributes:
+        feat_dim: the FC width (4096 at width 64).
+        stage_dims: channels of the five convolutions (``forward_stages``).
+    """
+
+    def __init__(self, *, width: int = 64, cifar_stem: bool = True) -> None:
+        super().__init__()
+        ch = [max(1, c * width // 64) for c in (96, 256, 384, 384, 256)]
+        fc = max(1, 4096 * width // 64)
+        first = (5, 1, 2) if cifar_stem else (11, 4, 2)  # (kernel, stride, padding)
+        specs = [(ch[0], *first), (ch[1], 5, 1, 2), (ch[2], 3, 1, 1), (ch[3], 3, 1, 1), (ch[4], 3, 1, 1)]
+        pool_after = {0, 1, 4}
+        convs: list[nn.Module] = []
+        c_in = 3
+        for i, (c_out, k, s, p) in enumerate(specs):
+            layers: list[nn.Module] = [
+                nn.Conv2d(c_in, c_out, kernel_size=k, stride=s, padding=p, bias=False),  # BN follows
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+            if i in pool_after:
+                layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+            convs.append(nn.Sequential(*layers))
+            c_in = c_out
+        self.convs = nn.ModuleList(convs)
+        grid = 3 if cifar_stem else 6
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.5), nn.Linear(ch[4] * grid * grid, fc), nn.ReLU(inplace=True),
+            nn.Dropout(0.5), nn.Linear(fc, fc), nn.ReLU(inplace=True),
+        )
+        self.stage_dims: tuple[int, ...] = tuple(ch)
+        self.feat_dim: int = fc
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # SeLa: N(0, 2/(k*k*c_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, 3, H, W) -> (B, feat_dim) post-FC features."""
+        for conv in self.convs:
+            x = conv(x)
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Globally average-pooled output of each convolution block (conv1 .. conv5): five (B, C_s)."""
+        feats: list[Tensor] = []
+        for conv in self.convs:
+            x = conv(x)
+            feats.append(_global_pool(x))
+        return feats
+
+
+def alexnet(*, width: int = 64, cifar_stem: bool = True, zero_init_residual: bool = False) -> AlexNet:
+    """SeLa's AlexNet (BatchNorm, 4096-d output at width 64); ``zero_init_residual`` has no effect."""
+    return AlexNet(width=width, cifar_stem=cifar_stem)
+
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
+    "alexnet": alexnet,
 }
 
 
@@ -248,14 +339,15 @@ def build_backbone(
     width: int = 64,
     cifar_stem: bool = True,
     zero_init_residual: bool = False,
-) -> tuple[ResNet, int]:
+) -> tuple[nn.Module, int]:
     """Build a backbone by name.
 
     Args:
-        arch: One of ``ARCHS`` (resnet18, resnet34, resnet50).
+        arch: One of ``ARCHS`` (resnet18, resnet34, resnet50, alexnet).
         width: Channels of the first stage (64 standard; 16/32 narrow CPU variants).
-        cifar_stem: CIFAR stem (3x3 stride 1, no max-pool) instead of the ImageNet one.
-        zero_init_residual: Zero-init the last BN scale of each residual branch (PIC).
+        cifar_stem: CIFAR stem (3x3 stride 1, no max-pool) instead of the ImageNet one; for
+            AlexNet, its 32 px layout.
+        zero_init_residual: Zero-init the last BN scale of each residual branch (PIC; ResNets only).
 
     Returns:
         ``(module, feat_dim)``; ``module(x)`` maps (B, 3, H, W) to (B, feat_dim).

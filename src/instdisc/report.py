@@ -1,0 +1,389 @@
+"""One self-contained HTML page per run: `instdisc report RUN_DIR` -> RUN_DIR/report.html.
+
+The page holds everything inline (images as base64 PNG, charts as SVG, no external files, no
+network), so it can be mailed or archived alone:
+
+* the run's configuration and its final numbers;
+* training curves from metrics.jsonl: loss and learning rate per logged step, the kNN monitor per
+  epoch, and a chart for every other number the method logs per epoch (SeLa's NMI, label
+  accuracy...);
+* the evaluation tables found in RUN_DIR/eval/ (written by `instdisc knn/linear/lowshot/stages`
+  on the run), plus a kNN sweep computed here (cheap once the features are cached);
+  `--full` also runs the linear probe, low-shot and per-stage protocols;
+* a neighbour grid (test queries and their 20 nearest training images) and a 2-D map of the test
+  embedding;
+* cluster grids and metrics for methods with pseudo-labels (SeLa), drawn with `instdisc.cluster`,
+  and any PNG under RUN_DIR/figures/ or RUN_DIR/clusters/ (`instdisc clusters` writes there).
+
+Whatever cannot be made (no checkpoint yet, data not reachable from here) is listed with the
+reason instead of failing the page. A small script marks <html data-status="ok"> once every image
+has decoded and no script error occurred (what the browser test checks).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from instdisc import __version__
+from instdisc.errors import UserError
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
+h1{font-size:22px;margin-bottom:4px}h2{font-size:17px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
+h3{font-size:14px;margin:14px 0 6px}.sub{color:#666;font-size:13px}
+table{border-collapse:collapse;font-size:12.5px;margin:6px 0 12px}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}.charts{display:flex;flex-wrap:wrap;gap:12px}
+.note{color:#8a5a00;background:#fff8e6;border:1px solid #f0deb0;padding:6px 10px;font-size:12.5px;margin:6px 0}
+figure{margin:8px 0}figcaption{font-size:12px;color:#555}img{max-width:100%;image-rendering:pixelated}
+details summary{cursor:pointer;font-size:13px}
+"""
+
+# Sets data-status on <html>: "ok" when every <img> decoded and no script error fired, else "error".
+_STATUS_JS = """
+(function(){var errs=[];window.addEventListener('error',function(e){errs.push(String(e.message||'resource failed'));},true);
+window.addEventListener('load',function(){var imgs=Array.prototype.slice.call(document.images);
+var bad=imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0);});var r=document.documentElement;
+r.setAttribute('data-images',String(imgs.length));
+if(bad.length){r.setAttribute('data-bad-images',bad.map(function(i){return i.alt||'?';}).join('|'));}
+if(errs.length){r.setAttribute('data-errors',errs.join('|'));}
+r.setAttribute('data-status',(bad.length||errs.length)?'error':'ok');});})();
+"""
+
+_STEP_SKIP = {"type", "step", "epoch"}
+_EPOCH_SKIP = {"type", "epoch", "step", "time_s", "img_per_s", "loss", "knn_top1", "knn_top5"}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl as a list of records; unreadable lines (a crash mid-write) are skipped."""
+    path = run_dir / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def training_charts(records: list[dict[str, Any]]) -> list[str]:
+    """SVG charts of the training log: loss, lr, kNN monitor, then any other per-epoch number."""
+    from instdisc.visual import svg_line_chart
+
+    steps = [r for r in records if r.get("type") == "step"]
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    charts = []
+    if len(steps) >= 3:  # else the per-epoch means say more
+        xs = [r["step"] for r in steps if _num(r.get("loss"))]
+        charts.append(svg_line_chart({"loss": (xs, [r["loss"] for r in steps if _num(r.get("loss"))])},
+                                     title="training loss", xlabel="step"))
+        lr = [(r["step"], r["lr"]) for r in steps if _num(r.get("lr"))]
+        if lr:
+            charts.append(svg_line_chart({"lr": ([a for a, _ in lr], [b for _, b in lr])},
+                                         title="learning rate", xlabel="step"))
+    elif epochs:
+        ep = [(r["epoch"], r["loss"]) for r in epochs if _num(r.get("loss"))]
+        if ep:
+            charts.append(svg_line_chart({"loss": ([a for a, _ in ep], [b for _, b in ep])},
+                                         title="training loss (epoch mean)", xlabel="epoch"))
+    knn = {k: [(r["epoch"], r[k]) for r in epochs if _num(r.get(k))] for k in ("knn_top1", "knn_top5")}
+    if knn["knn_top1"]:
+        charts.append(svg_line_chart({k.replace("knn_", ""): ([a for a, _ in v], [b for _, b in v])
+                                      for k, v in knn.items() if v},
+                                     title="kNN monitor (%)", xlabel="epoch"))
+    others = sorted({k for r in epochs for k, v in r.items() if k not in _EPOCH_SKIP and _num(v)})
+    for k in others:
+        pts = [(r["epoch"], r[k]) for r in epochs if _num(r.get(k))]
+        if len(pts) >= 1:
+            charts.append(svg_line_chart({k: ([a for a, _ in pts], [b for _, b in pts])}, title=k, xlabel="epoch"))
+    return charts
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], headers: list[str] | None = None) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return html.escape("" if v is None else str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in (headers or columns))
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _kv_table(d: dict[str, Any]) -> str:
+    rows = "".join(f'<tr><td class="l">{html.escape(str(k))}</td><td class="l">{html.escape(json.dumps(v))}</td></tr>'
+                   for k, v in d.items())
+    return f"<table>{rows}</table>"
+
+
+def evaluation_html(results: dict[str, dict[str, Any]]) -> str:
+    """The tables of RUN_DIR/eval/*.json, in a fixed order."""
+    parts = []
+    for name in sorted(results, key=lambda n: (not n.startswith("knn"), not n.startswith("linear"), n)):
+        res = results[name]
+        title = html.escape(name.replace("_", " "))
+        when = html.escape(str(res.get("date", "")))
+        if name.startswith("knn") and res.get("rows"):
+            parts.append(f"<h3>weighted kNN sweep ({title})</h3><p class='sub'>{when}; features: "
+                         f"{html.escape(str(res.get('features', '')))}</p>")
+            parts.append(_table(res["rows"], ["k", "t", "top1", "top5"], ["k", "τ", "top-1 %", "top-5 %"]))
+        elif name.startswith("linear") and "top1" in res:
+            row = {k: res.get(k) for k in ("features", "norm", "top1", "top5", "lr", "epochs", "batch_size", "weight_decay")}
+            parts.append(f"<h3>linear probe ({title})</h3><p class='sub'>{when}</p>")
+            parts.append(_table([row], list(row), ["features", "input norm", "top-1 %", "top-5 %", "lr", "epochs",
+                                                   "batch", "weight decay"]))
+        elif name.startswith("lowshot") and res.get("rows"):
+            rows = [{"k": r["k"], "acc": (f"{r['mean']:.2f} ± {r['std']:.2f}" if "mean" in r else r.get("skipped", "")),
+                     "draws": len(r.get("runs", []))} for r in res["rows"]]
+            parts.append(f"<h3>low-shot ({title})</h3><p class='sub'>{when}; {html.escape(str(res.get('classifier', '')))}"
+                         f", C={html.escape(str(res.get('C', '')))}, features: {html.escape(str(res.get('features', '')))}</p>")
+            parts.append(_table(rows, ["k", "acc", "draws"], ["images per class", "top-1 % (mean ± std)", "draws"]))
+        elif name.startswith("stages") and res.get("rows"):
+            parts.append(f"<h3>per-stage evaluation ({title})</h3><p class='sub'>{when}</p>")
+            parts.append(_table(res["rows"], ["stage", "dim", "linear_top1", "linear_top5", "knn_top1"],
+                                ["stage", "dim", "linear top-1 %", "linear top-5 %", "kNN top-1 %"]))
+        else:
+            parts.append(f"<h3>{title}</h3><details><summary>raw result</summary><pre>"
+                         f"{html.escape(json.dumps(res, indent=1)[:4000])}</pre></details>")
+    return "".join(parts)
+
+
+def _img(uri: str, alt: str, caption: str) -> str:
+    return (f'<figure><img src="{uri}" alt="{html.escape(alt)}"><figcaption>{html.escape(caption)}</figcaption>'
+            "</figure>")
+
+
+def neighbour_figure(ev, *, queries: int, k: int, seed: int, indices: list[int] | None = None) -> tuple[Image.Image, str]:
+    """Grid of test images (`indices`, else `queries` seeded random ones) and their k nearest
+    training images."""
+    from instdisc.evaluate import nearest
+    from instdisc.visual import neighbor_grid
+
+    n = len(ev.test_images)
+    if indices:
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad:
+            raise UserError(f"query indices {bad} are outside the test set (0..{n - 1}).")
+        q_idx = np.asarray(indices, dtype=np.int64)
+    else:
+        if queries < 1:
+            raise UserError(f"--queries must be at least 1; got {queries}.")
+        q_idx = np.sort(np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False))
+    if k < 1:
+        raise UserError(f"-k must be at least 1; got {k}.")
+    sims, nn_idx = nearest(ev.test_x[torch.from_numpy(q_idx)], ev.train_x, k)
+    qy = ev.test_y[torch.from_numpy(q_idx)]
+    agree = (ev.train_y[nn_idx] == qy[:, None]).tolist()
+    names = ev.classes or []
+    caps = [names[int(y)] if int(y) < len(names) else str(int(y)) for y in qy]
+    img = neighbor_grid([ev.test_images.read(int(i)) for i in q_idx],
+                        [[ev.train_images.read(int(j)) for j in row] for row in nn_idx.tolist()],
+                        agree, captions=caps)
+    frac = 100.0 * float(np.mean(agree)) if agree else 0.0
+    return img, (f"{len(q_idx)} test images (blue) and their {nn_idx.shape[1]} nearest training images by "
+                 f"cosine similarity of the embedding; green = same label as the query, red = different "
+                 f"({frac:.1f}% agree). Test indices: {', '.join(map(str, q_idx.tolist()))}.")
+
+
+def map_figure(x: torch.Tensor, y: torch.Tensor, classes: list[str], *, method: str, max_points: int,
+               seed: int) -> tuple[Image.Image, str]:
+    from instdisc.visual import embed_2d, scatter_map
+
+    n = x.shape[0]
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_points), replace=False))
+    xy = embed_2d(x[torch.from_numpy(idx)], method, seed=seed)  # type: ignore[arg-type]
+    img = scatter_map(xy, y.numpy()[idx], classes, title=f"{method.upper()} of the test embedding ({len(idx)} points)")
+    return img, f"{method.upper()} of {len(idx)} of {n} test embeddings (seeded subsample), coloured by label."
+
+
+def cluster_section(subject, ev, *, heads: int = 3) -> tuple[str, list[str]]:
+    """Cluster grids and metrics of a clustering method's pseudo-labels (a buffer named "labels",
+    (N,) or (H, N), as SeLa keeps them), drawn by `instdisc.cluster` where it exists.
+
+    Returns (html, notes); ("", []) for methods without pseudo-labels.
+    """
+    n = len(ev.train_images)
+    labels = next((b for name, b in subject.module.named_buffers() if name.split(".")[-1] == "labels"
+                   and b.ndim in (1, 2) and b.shape[-1] == n and not b.is_floating_point()), None)
+    if labels is None:
+        return "", []
+    try:
+        from instdisc import cluster  # written alongside SeLa; optional here
+    except ImportError:
+        return "", ["this run has pseudo-labels, but instdisc.cluster (cluster grids) is not available."]
+    from instdisc.visual import png_data_uri
+
+    labels = labels.reshape(-1, n).cpu()  # (H, N)
+    true = ev.train_y.numpy()
+    parts, rows, notes = [], [], []
+    for h in range(min(heads, labels.shape[0])):
+        pred = labels[h].numpy()
+        try:
+            if hasattr(cluster, "cluster_metrics"):
+                rows.append({"head": h, "clusters used": int(len(np.unique(pred))),
+                             **{k: 100.0 * v for k, v in cluster.cluster_metrics(pred, true).items()}})
+            img = cluster.cluster_grid(ev.train_images, pred, true, class_names=ev.classes or None, seed=h)
+        except Exception as e:  # a figure must not take the whole report down
+            notes.append(f"cluster grid of head {h} failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        parts.append(_img(png_data_uri(img.convert("RGB")), f"clusters of head {h}",
+                          f"head {h}: the purest clusters of the checkpoint's pseudo-labels, random members each "
+                          "(caption: majority class and its share)"))
+    if not parts and not rows:
+        return "", notes
+    cols = list(rows[0]) if rows else []
+    table = _table(rows, cols) if rows else ""
+    more = f" (first {heads} of {labels.shape[0]} heads)" if labels.shape[0] > heads else ""
+    return f"<h2>Clusters{more}</h2><p class='sub'>metrics in % against the ground-truth labels</p>{table}" + "".join(parts), notes
+
+
+def build_report(
+    run_dir: str | Path,
+    *,
+    data: str | None = None,
+    device: str = "auto",
+    queries: int = 8,
+    k: int = 20,
+    map_method: str = "pca",
+    map_points: int = 2000,
+    full: bool = False,
+    seed: int = 0,
+    batch_size: int = 256,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    out: str | Path | None = None,
+) -> Path:
+    """Write RUN_DIR/report.html (or `out`) and return its path.
+
+    Args:
+        data: source to evaluate on (default: the run's own).
+        queries, k: rows and neighbours of the neighbour grid.
+        map_method: "pca" or "tsne" for the 2-D map; map_points: its (seeded) subsample size.
+        full: also run the linear probe, low-shot and per-stage protocols (saved to RUN_DIR/eval).
+    """
+    from instdisc import evaluate as E
+    from instdisc.visual import png_data_uri
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"{str(run)!r} is not a run directory.")
+    cfg: dict[str, Any] = {}
+    if (run / "config.json").is_file():
+        try:
+            cfg = json.loads((run / "config.json").read_text())
+        except ValueError:
+            cfg = {}
+    records = read_metrics(run)
+    if not cfg and not records and not (run / "checkpoints").is_dir():
+        raise UserError(f"{str(run)!r} holds no run (no config.json, metrics.jsonl or checkpoints/).")
+    notes: list[str] = []
+    figures: list[str] = []
+    t0 = time.perf_counter()
+
+    ev = None
+    try:
+        ev = E.features_for(str(run), data=data, kind="embedding", device=device, batch_size=batch_size,
+                            cache_dir=cache_dir, progress=progress)
+    except UserError as e:
+        notes.append(f"no features, so no neighbours, map or kNN table: {e}")
+    if ev is not None:
+        rows = E.knn_table(ev.train_x, ev.train_y, ev.test_x, ev.test_y, ks=E.DEFAULT_KS,
+                           ts=(cfg.get("run", {}).get("knn_t", 0.07),), num_classes=ev.num_classes)
+        E.save_result(ev.save_dir, "knn", {"features": "embedding", "rows": rows, "source": ev.train_images.name})
+        img, cap = neighbour_figure(ev, queries=queries, k=k, seed=seed)
+        figures.append(f"<h2>Nearest neighbours</h2>{_img(png_data_uri(img), 'neighbour grid', cap)}")
+        img, cap = map_figure(ev.test_x, ev.test_y, ev.classes, method=map_method, max_points=map_points, seed=seed)
+        figures.append(f"<h2>Test embedding in 2-D</h2>{_img(png_data_uri(img), '2-D map', cap)}")
+        if full:
+            _run_full(ev, notes, data=data, device=device, batch_size=batch_size, cache_dir=cache_dir, progress=progress)
+        if ev.subject is not None:
+            section, cnotes = cluster_section(ev.subject, ev)
+            notes += cnotes
+            if section:
+                figures.append(section)
+    # PNGs the run or other tools wrote (e.g. `instdisc clusters` -> RUN_DIR/clusters/*.png).
+    extra = [p for d in ("figures", "clusters") if (run / d).is_dir() for p in sorted((run / d).glob("*.png"))]
+    if extra:
+        figures.append("<h2>Figures written by the run</h2>" + "".join(
+            _img("data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii"), p.name, p.name)
+            for p in extra))
+
+    page = _page(run, cfg, records, E.load_results(run), figures, notes, time.perf_counter() - t0)
+    target = Path(out) if out else run / "report.html"
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(target)
+    return target
+
+
+def _run_full(ev, notes: list[str], **kw: Any) -> None:
+    from instdisc import evaluate as E
+
+    run = str(ev.subject.run_dir) if ev.subject is not None and ev.subject.run_dir is not None else None
+    if run is None:
+        return
+    try:
+        bb = E.features_for(run, kind="backbone", **kw)
+        res = E.linear_probe(bb.train_x, bb.train_y, bb.test_x, bb.test_y, num_classes=bb.num_classes)
+        E.save_result(bb.save_dir, "linear", {"features": "backbone", **res})
+        rows = E.low_shot(bb.train_x, bb.train_y, bb.test_x, bb.test_y)
+        E.save_result(bb.save_dir, "lowshot", {"features": "backbone", "classifier": "svm", "C": 1.0, "rows": rows})
+        st = E.features_for(run, kind="stages", **kw)
+        rows = E.stage_table(E.split_stages(st.train_x, st.stage_dims), st.train_y,
+                             E.split_stages(st.test_x, st.stage_dims), st.test_y, num_classes=st.num_classes)
+        E.save_result(st.save_dir, "stages", {"rows": rows})
+    except UserError as e:
+        notes.append(f"--full evaluation stopped: {e}")
+
+
+def _page(run: Path, cfg: dict[str, Any], records: list[dict[str, Any]], results: dict[str, dict[str, Any]],
+          figures: list[str], notes: list[str], seconds: float) -> str:
+    r = cfg.get("run", {})
+    m = cfg.get("model", {})
+    d = cfg.get("data", {})
+    o = cfg.get("optim", {})
+    title = f"{run.name}: {r.get('method', '?')} on {d.get('data', '?')}"
+    epochs = [x for x in records if x.get("type") == "epoch"]
+    finals = [x for x in records if x.get("type") == "final"]
+    summary = {
+        "method": r.get("method"), "backbone": f"{m.get('arch', '?')} width {m.get('width', '?')}",
+        "data": d.get("data"), "epochs done": epochs[-1]["epoch"] if epochs else 0, "planned epochs": o.get("epochs"),
+        "batch size": o.get("batch_size"), "seed": r.get("seed"),
+    }
+    if epochs and _num(epochs[-1].get("knn_top1")):
+        summary["last kNN monitor top-1 %"] = round(float(epochs[-1]["knn_top1"]), 2)
+    if finals:
+        summary.update({f"final {k}": round(float(v), 2) for k, v in finals[-1].items() if k.startswith("knn") and _num(v)})
+    charts = training_charts(records)
+    cfg_html = "".join(f"<h3>{html.escape(sec)}</h3>{_kv_table(vals)}" for sec, vals in cfg.items() if isinstance(vals, dict))
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style><script>{_STATUS_JS}</script></head><body>",
+        f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(str(run.resolve()))} · report by instdisc "
+        f"{html.escape(__version__)} on {time.strftime('%Y-%m-%d %H:%M')} ({seconds:.1f} s)</p>",
+        "".join(f"<div class='note'>{html.escape(n)}</div>" for n in notes),
+        f"<h2>Summary</h2>{_kv_table(summary)}",
+        "<h2>Training</h2>" + (f"<div class='charts'>{''.join(charts)}</div>" if charts else "<p class='sub'>no metrics logged yet</p>"),
+        "<h2>Evaluation</h2>" + (evaluation_html(results) or "<p class='sub'>no evaluation results in eval/</p>"),
+        "".join(figures),
+        f"<h2>Configuration</h2>{cfg_html or '<p class=sub>no config.json</p>'}",
+        "</body></html>",
+    ]
+    return "".join(parts)
