@@ -15,12 +15,13 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
 from instdisc.augment import augment
 from instdisc.config import resolve
-from instdisc.engine import autocast_dtype, build_method
+from instdisc.engine import NonFiniteGuard, autocast_dtype, build_method
 from instdisc.loader import TrainLoader
 from instdisc.sources import open_source
 
@@ -80,8 +81,10 @@ def main() -> None:
         loader = TrainLoader(train, args.batch_size, seed=0)
         batches = loader.epoch(0)
         gen = torch.Generator().manual_seed(0)
+        guard = NonFiniteGuard(m2, max_skips=0, check_grads=True, debug_dir=Path("/nonexistent"), rank=0,
+                               is_main=True, config={})
 
-        def pipeline(batches=batches, cfg=cfg, gen=gen, m2=m2, opt2=opt2):
+        def pipeline(batches=batches, cfg=cfg, gen=gen, m2=m2, opt2=opt2, guard=guard):
             x, idx = next(batches)
             with torch.no_grad():
                 v = augment(x, cfg.aug, gen).contiguous(memory_format=torch.channels_last)
@@ -89,6 +92,7 @@ def main() -> None:
                 out = m2([v], idx)
             opt2.zero_grad(set_to_none=True)
             out.loss.backward()
+            guard.check(out.loss, 0.0)  # the loop's per-step NaN/inf check (gradient norm + one sync)
             opt2.step()
 
         # Interleave A/B repeats so drift in machine speed hits both alike.
