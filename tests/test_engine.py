@@ -31,3 +31,42 @@ def test_constant_and_precision():
 def test_step_seeds_are_distinct():
     seeds = {step_seed(s, t, r) for s in range(3) for t in range(1000) for r in range(4)}
     assert len(seeds) == 3 * 1000 * 4
+
+
+class _FakeWriter:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+
+def test_metric_log_mirrors_numbers_to_tensorboard(tmp_path, monkeypatch):
+    import json
+
+    from instdisc import engine
+
+    fake = _FakeWriter()
+    monkeypatch.setattr(engine, "tensorboard_writer", lambda log_dir: fake)
+    log = engine.MetricLog(tmp_path / "metrics.jsonl")
+    log.write(type="step", step=20, epoch=0, lr=0.03, loss=7.5)
+    log.write(type="epoch", step=390, epoch=1, knn_top1=31.8, note="text is not a scalar", ok=True)
+    assert fake.scalars == [
+        ("step/epoch", 0, 20), ("step/lr", 0.03, 20), ("step/loss", 7.5, 20),
+        ("epoch/epoch", 1, 390), ("epoch/knn_top1", 31.8, 390),
+    ]
+    # The JSONL file remains the record, whatever TensorBoard does.
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in lines] == ["step", "epoch"]
+
+
+def test_tensorboard_is_optional(tmp_path):
+    import importlib.util
+
+    from instdisc.engine import tensorboard_writer
+
+    w = tensorboard_writer(tmp_path / "tb")
+    assert (w is None) == (importlib.util.find_spec("tensorboard") is None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -40,6 +41,12 @@ class DataConfig:
         default=None, metadata={"help": "side of the stored images (default: the source's own for small images)"}
     )
     workers: int = field(default=4, metadata={"help": "decoding workers for streamed (large-image) sources"})
+    in_memory: bool = field(
+        default=True,
+        metadata={"help": "hold a small-image training set as one uint8 tensor on the training device (batches "
+                          "are index_selects, no workers); --no-in-memory streams it through DataLoader workers "
+                          "like a large-image source, to compare the two paths. Same batches either way"},
+    )
     sampler: Literal["shuffle", "sliding"] = field(
         default="shuffle",
         metadata={"help": "data order: a fresh permutation per epoch, or PIC's sliding window (an epoch is still N images)"},
@@ -78,6 +85,12 @@ class OptimConfig:
     gamma: float = field(default=0.1, metadata={"help": "factor of each step drop"})
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warm-up from lr/100 over this many epochs"})
     clip_grad: float = field(default=0.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
+    optimizer_impl: Literal["auto", "plain", "foreach", "fused"] = field(
+        default="auto",
+        metadata={"help": "SGD kernels (same maths, other rounding): auto = torch's choice (foreach on GPU), "
+                          "plain, foreach (multi-tensor), fused (one kernel; fastest on GPU). Methods with their "
+                          "own optimiser (PIC's sampled rows) ignore it"},
+    )
 
 
 @dataclass
@@ -97,6 +110,12 @@ class RunConfig:
     log_every: int = field(default=20, metadata={"help": "steps between metric lines"})
     ckpt_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps (0 = per epoch only)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps in total (0 = no limit)"})
+    time_limit: float = field(
+        default=0.0,
+        metadata={"help": "minutes of wall time after which the run checkpoints at the next step boundary and "
+                          "exits with status 0; --resume continues it (chains a long run into fixed-length "
+                          "jobs; leave a minute's margin for the last step and the save). 0 = no limit"},
+    )
     skip_nonfinite: int = field(
         default=0,
         metadata={"help": "skip up to N steps whose loss or gradient is NaN/inf (with a warning each; the step "
@@ -332,6 +351,8 @@ def validate(cfg: TrainConfig) -> None:
         (r.log_every >= 1, f"--log-every must be >= 1; got {r.log_every}"),
         (r.ckpt_every_steps >= 0, f"--ckpt-every-steps must be >= 0; got {r.ckpt_every_steps}"),
         (r.max_steps >= 0, f"--max-steps must be >= 0; got {r.max_steps}"),
+        (r.time_limit >= 0 and math.isfinite(r.time_limit),
+         f"--time-limit must be a number of minutes >= 0 (0 = no limit); got {r.time_limit}"),
         (r.skip_nonfinite >= 0, f"--skip-nonfinite must be >= 0; got {r.skip_nonfinite}"),
         (r.dist_timeout > 0, f"--dist-timeout must be > 0 seconds; got {r.dist_timeout}"),
     ]

@@ -38,6 +38,7 @@ from instdisc.loader import TrainLoader, make_order
 from instdisc.methods import METHODS, EpochContext, Method
 from instdisc.models import build_backbone
 from instdisc.progress import Progress
+from instdisc.runtime import TimeLimit, build_optimizer, load_optimizer_state
 from instdisc.sources import ImageSet, open_source
 
 NonFiniteLossError = NonFiniteError  # the older name
@@ -88,15 +89,32 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank
 
 
+def tensorboard_writer(log_dir: Path) -> Any:
+    """A TensorBoard SummaryWriter when the `tensorboard` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's wrapper needs the tensorboard package; it is optional
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
 class MetricLog:
-    """Appends JSON lines to RUN_DIR/metrics.jsonl (rank 0 only)."""
+    """Appends JSON lines to RUN_DIR/metrics.jsonl (rank 0 only), and mirrors every numeric field
+    to TensorBoard (RUN_DIR/tb/, tags "step/loss", "epoch/knn_top1", ...) when it is installed.
+    The JSONL file stays the record: TensorBoard is only a viewer."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self.tb = tensorboard_writer(path.parent / "tb") if path is not None else None
 
     def write(self, **rec: Any) -> None:
         if self.path is None:
             return
+        if self.tb is not None and "step" in rec:
+            for key, value in rec.items():
+                if key not in ("type", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{rec.get('type', 'log')}/{key}", value, rec["step"])
+            self.tb.flush()
         try:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
@@ -279,10 +297,12 @@ def train_one_epoch(
     guard: NonFiniteGuard,
     on_step: Any,
     bar: Progress,
+    stop: Any = None,
 ) -> dict[str, float]:
     """One pass over the epoch's batches; returns the epoch's mean loss and throughput.
 
     on_step(out, idx, skipped) runs after every step, skipped or not (logging, step checkpoints).
+    stop() (optional), asked after on_step, ends the epoch early when True (--time-limit).
     """
     model.train()
     device = loader.device
@@ -322,7 +342,7 @@ def train_one_epoch(
         state.epoch_step += 1
         bar.update(x.shape[0] * loader.world, postfix=f"loss {loss.item():.4f} lr {lrs[state.step - 1]:.4g}")
         on_step(out, idx, skipped)
-        if max_steps and state.step >= max_steps:
+        if (max_steps and state.step >= max_steps) or (stop is not None and stop()):
             break
     dt = time.perf_counter() - t0
     return {"loss": (total / max(count, 1)).item(), "img_per_s": seen / max(dt, 1e-9), "time_s": dt}
@@ -394,6 +414,7 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train `cfg.run.method` and return the final metrics."""
     r, o = cfg.run, cfg.optim
+    clock = TimeLimit(r.time_limit)  # started before the data are opened: loading counts
     out = Path(r.out)
     ck = None
     if env.is_main:
@@ -418,7 +439,8 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
     method = build_method(cfg, n).to(env.device)
     if r.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    optimizer = method.configure_optimizer(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    optimizer = build_optimizer(method, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                impl=o.optimizer_impl)
     amp = autocast_dtype(r.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     state = TrainState()
@@ -428,7 +450,7 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
         except RuntimeError as e:
             raise CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
         try:
-            optimizer.load_state_dict(ck["optimizer"])
+            load_optimizer_state(optimizer, ck["optimizer"])
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"the checkpoint's optimizer state does not fit this model: {e}") from None
         scaler.load_state_dict(ck["scaler"])
@@ -446,7 +468,7 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
     order = make_order(d.sampler, n, seed=r.seed, window=d.window, stride=d.stride, batch_size=o.batch_size)
     loader = TrainLoader(
         train, o.batch_size, seed=r.seed, rank=env.rank, world_size=env.world_size,
-        device=env.device, workers=cfg.data.workers, order=order,
+        device=env.device, workers=cfg.data.workers, order=order, in_memory=cfg.data.in_memory,
     )
     spe = loader.steps_per_epoch()
     lr_cfg = o
@@ -542,18 +564,19 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
                           **{k: float(v) for k, v in step_out.logs.items()})
             # Not at the epoch's last step or at --max-steps: the end-of-loop save follows at once, and
             # a duplicate would push the genuinely older checkpoint out of prev.pt.
-            ends = state.epoch_step >= spe or bool(r.max_steps and state.step >= r.max_steps)
+            ends = (clock.check(env.device) or state.epoch_step >= spe
+                    or bool(r.max_steps and state.step >= r.max_steps))
             if r.ckpt_every_steps and state.step % r.ckpt_every_steps == 0 and not ends:
                 save()
 
         stats = train_one_epoch(
             model, loader, view_cfgs, optimizer, lrs, state, seed=r.seed, amp=amp, scaler=scaler,
             clip_grad=o.clip_grad, channels_last=r.channels_last, max_steps=r.max_steps, guard=guard, on_step=on_step,
-            bar=bar,
+            bar=bar, stop=lambda: clock.expired,
         )
         bar.close()
         dist.sync_norm_stats(method)  # every rank evaluates with the same model
-        stop = bool(r.max_steps and state.step >= r.max_steps)
+        stop = bool(r.max_steps and state.step >= r.max_steps) or clock.expired
         if state.epoch_step >= spe:
             state.epoch, state.epoch_step = state.epoch + 1, 0
         last = state.epoch >= o.epochs
@@ -575,4 +598,11 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
             log.write(**metrics)
             dist.print0(f"final weighted kNN (k={r.knn_k}, t={r.knn_t}): top-1 {final['knn_top1']:.2f}% "
                         f"top-5 {final['knn_top5']:.2f}%")
+    if clock.expired and state.epoch < o.epochs:
+        dist.print0(
+            f"instdisc: --time-limit {r.time_limit:g} min reached after {clock.elapsed() / 60:.1f} min, at step "
+            f"{state.step} of {o.epochs * spe} (epoch {state.epoch + 1}/{o.epochs}); checkpoint saved. Continue "
+            f"with: instdisc train --method {r.method} --out {out} --resume"
+        )
+        metrics = {**metrics, "stopped": "time_limit"}
     return metrics

@@ -135,6 +135,12 @@ class TrainLoader:
         device: where batches (and, for in-memory sets, the whole dataset) live.
         order: data order per epoch; default a seeded permutation.
         workers: DataLoader workers for streamed sources.
+        in_memory: False streams even an in-memory set through DataLoader workers (per-image reads
+            on the host, then a copy to `device`): the same batches, by the slower path, to compare.
+
+    The order is drawn on the CPU (a CPU generator, so it is the same on every device and every
+    rank and regenerable for resume) and, on the in-memory path, copied to the device once per
+    epoch as one (L,) int64 tensor; each step then slices it there, with no host round trip.
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class TrainLoader:
         device: torch.device | str = "cpu",
         order: Order | None = None,
         workers: int = 4,
+        in_memory: bool = True,
     ) -> None:
         n = len(images)
         if batch_size % world_size:
@@ -161,23 +168,25 @@ class TrainLoader:
         self.device = torch.device(device)
         self.order = order or random_order(n, seed)
         self.workers = workers
-        self.data = images_to_tensor(images, self.device) if isinstance(images, ArrayImageSet) else None
+        held = in_memory and isinstance(images, ArrayImageSet)
+        self.data = images_to_tensor(images, self.device) if held else None  # (N, H, W, 3) uint8
 
     def steps_per_epoch(self, epoch: int = 0) -> int:
         return len(self.order(epoch)) // self.batch_size
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (x, idx): x (b, 3, H, W) uint8 on device, idx (b,) int64 dataset indices."""
-        order = self.order(epoch)
+        order = self.order(epoch)  # (L,) int64 on the CPU
         steps = len(order) // self.batch_size
         lo = self.rank * self.local_batch
+        if self.data is not None:
+            order = order.to(self.device)  # one copy per epoch; the steps slice it on the device
         idx_batches = [
             order[s * self.batch_size + lo : s * self.batch_size + lo + self.local_batch]
             for s in range(start_step, steps)
         ]
         if self.data is not None:
             for idx in idx_batches:
-                idx = idx.to(self.device, non_blocking=True)
                 yield self.data.index_select(0, idx).permute(0, 3, 1, 2), idx
         else:
             dl = torch.utils.data.DataLoader(

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from instdisc.augment import AugmentConfig
+from instdisc.runtime import make_sgd
 
 
 @dataclass
@@ -62,14 +63,18 @@ class Method(nn.Module):
         """(B, 3, H, W) normalised images -> (B, D) L2-normalised features for kNN and export."""
         raise NotImplementedError
 
-    def configure_optimizer(self, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    def configure_optimizer(
+        self, lr: float, momentum: float, weight_decay: float, impl: str = "auto"
+    ) -> torch.optim.Optimizer:
         """The optimiser of this method's parameters. Default: SGD over all of them.
 
         A method overrides it when part of its state needs its own update rule (PIC's N-row
         classifier is updated sparsely, with the closed-form correction for skipped steps). The loop
         sets every param group's "lr" each step and calls `step()`; nothing else is assumed.
+        `impl` (--optimizer-impl: auto, plain, foreach, fused) picks SGD's kernels, not its maths;
+        an override may leave it out, and is then called without it (runtime.build_optimizer).
         """
-        return torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return make_sgd(self.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, impl=impl)
 
     def on_epoch_start(self, ctx: EpochContext) -> dict[str, Any]:
         """Called before every epoch (on every rank). Returns scalars to log. Default: nothing."""
