@@ -116,7 +116,7 @@ def final_state(run: Path) -> dict:
 
 
 def soak(method: str, cycles: int, rng: random.Random, root: Path, truncate_p: float, env: dict) -> dict:
-    epochs = math.ceil((4 * cycles + 8) / (N // BATCH))  # room for every cycle to move on 1-3 steps
+    epochs = math.ceil((8 * cycles + 8) / (N // BATCH))  # room for every cycle to move on 1-3 steps (+ overshoot)
     total = epochs * (N // BATCH)
     ref, run = root / f"{method}-reference", root / f"{method}-killed"
     t0 = time.perf_counter()
@@ -148,7 +148,12 @@ def soak(method: str, cycles: int, rng: random.Random, root: Path, truncate_p: f
         kills += 1
         last, prev = run / "checkpoints" / "last.pt", run / "checkpoints" / "prev.pt"
         if rng.random() < truncate_p and last.exists() and prev.exists():
-            last.write_bytes(last.read_bytes()[: int(last.stat().st_size * rng.uniform(0.0, 0.95))])
+            # A torn write damages the file that was being written, a new inode. Writing in place
+            # would also damage prev.pt whenever the kill fell between the writer's hard link
+            # (prev.pt -> the same inode as last.pt) and its rename of the new file over last.pt.
+            torn = last.with_name("torn.tmp")
+            torn.write_bytes(last.read_bytes()[: int(last.stat().st_size * rng.uniform(0.0, 0.95))])
+            os.replace(torn, last)
             fallbacks += 1
     subprocess.run(command(run, method, epochs, "--resume"), env=env, check=True, stdout=log, stderr=log)
     t_kill = time.perf_counter() - t0
