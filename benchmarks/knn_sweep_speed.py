@@ -11,22 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
+from knn_speed import timeit  # the same median-of-repeats timer (this folder is on sys.path)
 
 from instdisc.evaluate import faiss_available, knn_scores
-
-
-def timeit(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
 
 
 def main() -> None:
