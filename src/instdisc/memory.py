@@ -1,4 +1,6 @@
-"""The memory bank of NPID (Wu et al., CVPR 2018, Sec. 3.2): one L2-normalised feature per image.
+"""Feature stores of the methods: NPID's memory bank, and the ring buffer of MoCo's and PIC's queues.
+
+The memory bank of NPID (Wu et al., CVPR 2018, Sec. 3.2): one L2-normalised feature per image.
 
 Momentum convention (lemniscate's): v_i <- normalise(m * v_i + (1 - m) * f_i), so m = 0 writes the
 fresh feature and m -> 1 keeps the old one. mmselfsup's SimpleMemory uses the reverse,
@@ -54,3 +56,17 @@ class MemoryBank(nn.Module):
         old = self.bank.index_select(0, idx)  # (B * world, D)
         new = F.normalize(self.momentum * old + (1.0 - self.momentum) * z, dim=1)
         self.bank.index_copy_(0, idx, new)
+
+
+@torch.no_grad()
+def ring_write_(buffer: Tensor, ptr: Tensor, items: Tensor) -> None:
+    """Write `items` (n, ...) over the oldest rows of the ring `buffer` (K, ...) from `ptr`, in place.
+
+    MoCo's key queue and PIC's queue of visited ids. `items` must be identical on every rank (the
+    all-gathered batch), so the queues stay identical. More than K items keep only their last K.
+    """
+    size = buffer.shape[0]
+    items = items[-size:]  # (m, ...), m <= K
+    rows = (ptr + torch.arange(items.shape[0], device=buffer.device)) % size  # (m,)
+    buffer.index_copy_(0, rows, items.to(buffer.device, buffer.dtype))
+    ptr.copy_((ptr + items.shape[0]) % size)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from instdisc.augment import AugmentConfig
@@ -86,3 +87,14 @@ class Method(nn.Module):
         The kNN monitor uses them for free instead of re-embedding the training set.
         """
         return None
+
+
+def backbone_or_head_embedding(backbone: nn.Module, head: nn.Module, x: Tensor, where: str) -> Tensor:
+    """(B, D) unit features of a two-stage network, taken after the backbone or after the head.
+
+    Used by MoCo v2 and SimCLR, whose `--embed` (head | backbone) is `where`.
+    """
+    f = backbone(x)
+    if where == "head":
+        f = head(f)
+    return F.normalize(f.float(), dim=1)

@@ -57,7 +57,8 @@ from torch import Tensor, nn
 from instdisc import dist
 from instdisc.augment import AugmentConfig
 from instdisc.errors import ConfigError
-from instdisc.methods.base import Method, StepOutput
+from instdisc.memory import ring_write_
+from instdisc.methods.base import Method, StepOutput, backbone_or_head_embedding
 from instdisc.models import ProjectionHead
 
 
@@ -211,19 +212,10 @@ class MoCo(Method):
         k_all = torch.empty_like(k_shuffled).index_copy_(0, perm, k_shuffled)  # (W*B, D) original order
         return k_all.view(world, b, -1)[dist.rank()], k_all
 
-    @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:
-        """Write the global batch's keys (already gathered: identical on every rank) over the oldest
-        queue rows, wrapping around the end."""
-        size = self.queue.shape[0]
-        keys = keys[-size:]  # a global batch larger than the queue keeps only its last K keys
-        rows = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size  # (B_global,)
-        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+        """The global batch's keys (already gathered: identical on every rank) replace the oldest."""
+        ring_write_(self.queue, self.queue_ptr, keys)
 
     @torch.no_grad()
     def embed(self, x: Tensor) -> Tensor:
-        f = self.backbone(x)
-        if self.cfg.embed == "head":
-            f = self.head(f)
-        return F.normalize(f.float(), dim=1)  # (B, D)
+        return backbone_or_head_embedding(self.backbone, self.head, x, self.cfg.embed)  # (B, D)

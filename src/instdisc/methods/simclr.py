@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from instdisc import dist
 from instdisc.augment import AugmentConfig
 from instdisc.errors import ConfigError
-from instdisc.methods.base import Method, StepOutput
+from instdisc.methods.base import Method, StepOutput, backbone_or_head_embedding
 from instdisc.models import ProjectionHead
 
 
@@ -166,7 +166,4 @@ class SimCLR(Method):
 
     @torch.no_grad()
     def embed(self, x: Tensor) -> Tensor:
-        f = self.backbone(x)
-        if self.cfg.embed == "head":
-            f = self.head(f)
-        return F.normalize(f.float(), dim=1)  # (B, D)
+        return backbone_or_head_embedding(self.backbone, self.head, x, self.cfg.embed)  # (B, D)
