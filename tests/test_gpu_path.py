@@ -26,7 +26,7 @@ from instdisc.config import resolve
 from instdisc.engine import build_method, step_seed
 from instdisc.errors import ConfigError, InstdiscWarning
 from instdisc.loader import TrainLoader, random_order
-from instdisc.runtime import TimeLimit, build_optimizer, load_optimizer_state, make_sgd
+from instdisc.runtime import StopRequest, build_optimizer, load_optimizer_state, make_sgd
 from instdisc.sources import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,13 +315,13 @@ def test_time_limit_checkpoints_exits_0_and_resume_continues_the_same_run(tmp_pa
 def test_time_limit_clock(monkeypatch):
     readings = iter([0.0, 30.0, 59.9, 60.0, 0.0])
     monkeypatch.setattr(runtime, "_now", lambda: next(readings))
-    t = TimeLimit(1)  # reads 0.0 as its start
+    t = StopRequest(1)  # reads 0.0 as its start
     assert [t.check(), t.check(), t.check()] == [False, False, True]
     assert t.check() is True  # sticky: no further reading, even if the clock went back
     assert next(readings) == 0.0
     reads = []
     monkeypatch.setattr(runtime, "_now", lambda: reads.append(1) or 1e9)
-    unlimited = TimeLimit(0)
+    unlimited = StopRequest(0)
     assert [unlimited.check(), unlimited.check()] == [False, False] and len(reads) == 1  # 0 = no limit
 
 

@@ -213,6 +213,52 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, ref_roo
     assert_same_run(ref, run)
 
 
+@pytest.mark.parametrize("loader", [[], ["--no-in-memory", "--workers", "1"]], ids=["in-memory", "workers"])
+def test_sigterm_finishes_the_step_checkpoints_and_resume_is_bit_identical(tmp_path, ref_root, loader, one_thread):
+    # A scheduler's pre-emption: SIGTERM (to the whole process group, DataLoader workers included),
+    # then SIGKILL after a grace period. No step checkpoints here (--ckpt-every-steps 0), so the
+    # checkpoint at the stop is the one written for the signal.
+    ref = reference("npid", ref_root)
+    run = tmp_path / "run"
+    args = train_args(run, "npid", "--ckpt-every-steps", "0", *loader)
+    with open(tmp_path / "stdout.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "instdisc", *args], env=SUB_ENV, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: logged_steps(run) >= 2, proc, "step 2")
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    printed = (tmp_path / "stdout.txt").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, printed  # not 0: the run is not finished
+    step = load_checkpoint(run)["state"]["step"]
+    assert 2 <= step < STEPS and step == logged_steps(run)  # stopped after the step under way
+    assert "SIGTERM received" in printed and f"--out {run} --resume" in printed
+    assert train(run, "npid", "--resume", "--ckpt-every-steps", "1", "--in-memory") == 0
+    assert_same_run(ref, run)
+
+
+def test_stop_request_handles_the_first_signal_and_passes_on_the_second():
+    from instdisc.runtime import StopRequest
+
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        stop = StopRequest(0)
+        assert stop.check() is False and not stop.expired
+        with stop:
+            os.kill(os.getpid(), signal.SIGINT)  # handled: only recorded
+            assert seen == [] and stop.check() and stop.reason == "SIGINT" and stop.signum == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)  # the second goes to the previous handler at once
+            assert seen == [signal.SIGINT]
+        unused = StopRequest(0)
+        with unused:
+            pass
+        assert signal.getsignal(signal.SIGINT) is not unused._on_signal  # handlers restored on exit
+        os.kill(os.getpid(), signal.SIGINT)
+        assert seen == [signal.SIGINT, signal.SIGINT] and unused.check() is False
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_global_random_generators_and_data_order_continue_across_resume(tmp_path, monkeypatch):
     """Draws outside the steps (here: an epoch-start hook using torch, numpy and Python's global
     generators) continue after a resume exactly as without one; a changed data order is reported."""

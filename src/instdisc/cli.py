@@ -131,7 +131,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     env = dist.init_from_env(cfg.run.device, timeout_s=timeout)
     ok = False
     try:
-        fit(cfg, env, resume=args.resume, overwrite=args.overwrite)
+        metrics = fit(cfg, env, resume=args.resume, overwrite=args.overwrite)
         ok = True
     except RuntimeError as e:
         if not (env.distributed and _is_peer_failure(e)):
@@ -145,7 +145,8 @@ def cmd_train(argv: Sequence[str]) -> int:
         dist.cleanup(wait_for_peers=ok)
     if env.is_main:
         print(f"outputs: {cfg.run.out} (config.json, metrics.jsonl, checkpoints/)")
-    return 0
+    # Stopped by SIGTERM/SIGINT (checkpoint written): not a finished run, so not status 0.
+    return 128 + metrics["signal"] if metrics.get("signal") else 0
 
 
 def _load_run(path: str, device: str):

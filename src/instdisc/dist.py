@@ -132,10 +132,10 @@ def all_gather_object(obj: object) -> list:
 
 @torch.no_grad()
 def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce ("sum" or "mean"); identity when not distributed."""
+    """In-place all-reduce ("sum", "mean" or "max"); identity when not distributed."""
     if world_size() == 1:
         return x
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     if op == "mean":
         x /= world_size()
     return x

@@ -38,7 +38,7 @@ from instdisc.loader import TrainLoader, make_order
 from instdisc.methods import METHODS, EpochContext, Method
 from instdisc.models import build_backbone
 from instdisc.progress import Progress
-from instdisc.runtime import TimeLimit, build_optimizer, load_optimizer_state
+from instdisc.runtime import StopRequest, build_optimizer, load_optimizer_state
 from instdisc.sources import ImageSet, open_source
 
 NonFiniteLossError = NonFiniteError  # the older name
@@ -414,7 +414,7 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train `cfg.run.method` and return the final metrics."""
     r, o = cfg.run, cfg.optim
-    clock = TimeLimit(r.time_limit)  # started before the data are opened: loading counts
+    clock = StopRequest(r.time_limit)  # started before the data are opened: loading counts
     out = Path(r.out)
     ck = None
     if env.is_main:
@@ -544,52 +544,54 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
 
     metrics: dict[str, Any] = {}
     stop = False
-    while state.epoch < o.epochs and not stop:
-        epoch_logs: dict[str, Any] = {}
-        if state.epoch_step == 0:
-            epoch_logs.update(method.on_epoch_start(EpochContext(
-                epoch=state.epoch, num_epochs=o.epochs, predict_all=ctx_predict, out_dir=str(out),
-                labels=None if train.labels is None else torch.from_numpy(train.labels),
-            )))
-        bar = Progress(spe * o.batch_size, desc=f"epoch {state.epoch + 1}/{o.epochs}", enabled=r.progress and env.is_main)
+    with clock:  # SIGTERM/SIGINT from here on: finish the step, checkpoint, exit 128 + signal
+        while state.epoch < o.epochs and not stop:
+            epoch_logs: dict[str, Any] = {}
+            if state.epoch_step == 0:
+                epoch_logs.update(method.on_epoch_start(EpochContext(
+                    epoch=state.epoch, num_epochs=o.epochs, predict_all=ctx_predict, out_dir=str(out),
+                    labels=None if train.labels is None else torch.from_numpy(train.labels),
+                )))
+            bar = Progress(spe * o.batch_size, desc=f"epoch {state.epoch + 1}/{o.epochs}", enabled=r.progress and env.is_main)
 
-        def on_step(step_out: Any, idx: Tensor, skipped: bool) -> None:
-            if skipped:
-                log.write(type="skip", step=state.step, epoch=state.epoch, skipped=state.skipped,
-                          loss=float(step_out.loss.detach()))
-            elif state.step % r.log_every == 0:
-                # "batch": CRC-32 of rank 0's dataset indices, evidence of the data order.
-                log.write(type="step", step=state.step, epoch=state.epoch, lr=float(lrs[state.step - 1]),
-                          loss=float(step_out.loss.detach()), batch=order_fingerprint(idx),
-                          **{k: float(v) for k, v in step_out.logs.items()})
-            # Not at the epoch's last step or at --max-steps: the end-of-loop save follows at once, and
-            # a duplicate would push the genuinely older checkpoint out of prev.pt.
-            ends = (clock.check(env.device) or state.epoch_step >= spe
-                    or bool(r.max_steps and state.step >= r.max_steps))
-            if r.ckpt_every_steps and state.step % r.ckpt_every_steps == 0 and not ends:
-                save()
+            def on_step(step_out: Any, idx: Tensor, skipped: bool) -> None:
+                if skipped:
+                    log.write(type="skip", step=state.step, epoch=state.epoch, skipped=state.skipped,
+                              loss=float(step_out.loss.detach()))
+                elif state.step % r.log_every == 0:
+                    # "batch": CRC-32 of rank 0's dataset indices, evidence of the data order.
+                    log.write(type="step", step=state.step, epoch=state.epoch, lr=float(lrs[state.step - 1]),
+                              loss=float(step_out.loss.detach()), batch=order_fingerprint(idx),
+                              **{k: float(v) for k, v in step_out.logs.items()})
+                # Not at the epoch's last step or at --max-steps: the end-of-loop save follows at once, and
+                # a duplicate would push the genuinely older checkpoint out of prev.pt.
+                ends = (clock.check(env.device) or state.epoch_step >= spe
+                        or bool(r.max_steps and state.step >= r.max_steps))
+                if r.ckpt_every_steps and state.step % r.ckpt_every_steps == 0 and not ends:
+                    save()
 
-        stats = train_one_epoch(
-            model, loader, view_cfgs, optimizer, lrs, state, seed=r.seed, amp=amp, scaler=scaler,
-            clip_grad=o.clip_grad, channels_last=r.channels_last, max_steps=r.max_steps, guard=guard, on_step=on_step,
-            bar=bar, stop=lambda: clock.expired,
-        )
-        bar.close()
-        dist.sync_norm_stats(method)  # every rank evaluates with the same model
-        stop = bool(r.max_steps and state.step >= r.max_steps) or clock.expired
-        if state.epoch_step >= spe:
-            state.epoch, state.epoch_step = state.epoch + 1, 0
-        last = state.epoch >= o.epochs
-        if test is not None and r.knn_every and (state.epoch % r.knn_every == 0 or last) and state.epoch_step == 0:
-            stats.update(evaluate_knn(method, train, test, cfg, env, use_bank=True))
-        metrics = {"type": "epoch", "epoch": state.epoch, "step": state.step, **epoch_logs, **stats}
-        log.write(**metrics)
-        knn = f" kNN top-1 {stats['knn_top1']:.2f}%" if "knn_top1" in stats else ""
-        dist.print0(
-            f"epoch {state.epoch}/{o.epochs} loss {stats['loss']:.4f}{knn} "
-            f"({stats['img_per_s']:.0f} img/s, {stats['time_s']:.1f}s)"
-        )
-        save()
+            stats = train_one_epoch(
+                model, loader, view_cfgs, optimizer, lrs, state, seed=r.seed, amp=amp, scaler=scaler,
+                clip_grad=o.clip_grad, channels_last=r.channels_last, max_steps=r.max_steps, guard=guard, on_step=on_step,
+                bar=bar, stop=lambda: clock.expired,
+            )
+            bar.close()
+            dist.sync_norm_stats(method)  # every rank evaluates with the same model
+            stop = bool(r.max_steps and state.step >= r.max_steps) or clock.expired
+            if state.epoch_step >= spe:
+                state.epoch, state.epoch_step = state.epoch + 1, 0
+            last = state.epoch >= o.epochs
+            if test is not None and r.knn_every and (state.epoch % r.knn_every == 0 or last) and state.epoch_step == 0:
+                stats.update(evaluate_knn(method, train, test, cfg, env, use_bank=True))
+            metrics = {"type": "epoch", "epoch": state.epoch, "step": state.step, **epoch_logs, **stats}
+            log.write(**metrics)
+            knn = f" kNN top-1 {stats['knn_top1']:.2f}%" if "knn_top1" in stats else ""
+            dist.print0(
+                f"epoch {state.epoch}/{o.epochs} loss {stats['loss']:.4f}{knn} "
+                f"({stats['img_per_s']:.0f} img/s, {stats['time_s']:.1f}s)"
+            )
+            save()
+            stop = stop or clock.check(env.device)  # e.g. a signal during the evaluation: not one more epoch
     if test is not None and state.epoch >= o.epochs:
         # Final number as the paper reports it: train features recomputed with the eval transform.
         final = evaluate_knn(method, train, test, cfg, env, use_bank=False)
@@ -599,10 +601,11 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
             dist.print0(f"final weighted kNN (k={r.knn_k}, t={r.knn_t}): top-1 {final['knn_top1']:.2f}% "
                         f"top-5 {final['knn_top5']:.2f}%")
     if clock.expired and state.epoch < o.epochs:
+        why = (f"--time-limit {r.time_limit:g} min reached after {clock.elapsed() / 60:.1f} min"
+               if clock.reason == "time_limit" else f"{clock.reason} received")
         dist.print0(
-            f"instdisc: --time-limit {r.time_limit:g} min reached after {clock.elapsed() / 60:.1f} min, at step "
-            f"{state.step} of {o.epochs * spe} (epoch {state.epoch + 1}/{o.epochs}); checkpoint saved. Continue "
-            f"with: instdisc train --method {r.method} --out {out} --resume"
+            f"instdisc: {why}, stopped at step {state.step} of {o.epochs * spe} (epoch {state.epoch + 1}/{o.epochs}); "
+            f"checkpoint saved. Continue with: instdisc train --method {r.method} --out {out} --resume"
         )
-        metrics = {**metrics, "stopped": "time_limit"}
+        metrics = {**metrics, "stopped": clock.reason, "signal": clock.signum}
     return metrics

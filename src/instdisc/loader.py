@@ -12,6 +12,7 @@ exactly, which is what makes mid-epoch resume exact without pickling iterator st
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -195,9 +196,17 @@ class TrainLoader:
                 num_workers=self.workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=False,
+                worker_init_fn=_ignore_stop_signals,
             )
             for idx, x in zip(idx_batches, dl, strict=True):
                 yield x.to(self.device, non_blocking=True).permute(0, 3, 1, 2), idx.to(self.device)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SIGTERM/SIGINT reach the whole process group; the training process stops after its step and
+    # shuts the workers down itself (runtime.StopRequest), so a worker must not die first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def eval_batches(

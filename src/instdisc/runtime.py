@@ -1,4 +1,4 @@
-"""How a run executes, as opposed to what it computes: the optimiser's kernels and a wall-clock limit.
+"""How a run executes, as opposed to what it computes: the optimiser's kernels, and when to stop early.
 
 Neither changes the algorithm. The SGD kernels differ only in float rounding: "plain" updates one
 parameter at a time, "foreach" batches the update over all parameters with multi-tensor ops
@@ -6,19 +6,21 @@ parameter at a time, "foreach" batches the update over all parameters with multi
 GPU a ResNet-18 step is short enough for launch overhead to matter; on CPU the difference is small.
 The wall-clock limit (--time-limit) lets a long run be a chain of commands that each fit a fixed
 time slot (e.g. a 10-minute job): at the limit the run checkpoints and exits with status 0, and
-`--resume` continues it exactly where it stopped (docs/gpu.md).
+`--resume` continues it exactly where it stopped (docs/gpu.md). SIGTERM and SIGINT stop the same way
+(after the current step, with a checkpoint), so a pre-empted job loses nothing.
 """
 
 from __future__ import annotations
 
 import inspect
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
 
 from instdisc import dist
 from instdisc.errors import ConfigError, InstdiscWarning
@@ -110,33 +112,71 @@ def _now() -> float:
     return time.monotonic()
 
 
-class TimeLimit:
-    """--time-limit: has the run used its wall-clock budget? Checked between steps.
+class StopRequest:
+    """Should the run checkpoint and stop at this step boundary? Checked between steps.
 
-    The clock starts when the object is made (in `fit`, before the data are opened, so loading,
-    compilation and evaluation count). Under torchrun every rank must stop at the same step, so
-    the ranks' verdicts are summed (one scalar all-reduce per step, only when a limit is set):
-    once any rank is past the limit, all stop.
+    Two reasons, both ending with a checkpoint from which `--resume` continues exactly:
+    * --time-limit: the run used its wall-clock budget (exit status 0). The clock starts when the
+      object is made (in `fit`, before the data are opened, so loading and evaluation count).
+    * SIGTERM or SIGINT (a scheduler's pre-emption, which sends SIGTERM and SIGKILL a grace period
+      later; Ctrl-C): the current step finishes, the checkpoint is written, and the command exits with
+      128 + the signal's number, so that scripts do not mistake the run for a finished one. Only the
+      first signal is held back: the handler restores the previous one, so a second signal acts at
+      once (the last regular checkpoint is then the one resumed from).
+
+    Under torchrun every rank must stop at the same step: the ranks' flags are all-reduced once per
+    step (two scalars), and once any rank has a reason, all stop.
 
     Args:
-        minutes: the budget; 0 means no limit.
+        minutes: the time budget; 0 means no limit.
+        signals: the signals to handle; use the object as a context manager to install the handlers
+            (only where a process can: its main thread).
     """
 
-    def __init__(self, minutes: float) -> None:
+    def __init__(self, minutes: float, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.seconds = 60.0 * minutes
         self.start = _now()
-        self.expired = False
+        self.reason: str | None = None  # "time_limit" or a signal's name, once decided
+        self.signum = 0
+        self._received = 0
+        self._signals = signals
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for s in self._signals:
+                self._previous[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            if signal.getsignal(s) == self._on_signal:  # not already restored by a first signal
+                signal.signal(s, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._received = self._received or signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # the next one acts at once
+
+    @property
+    def expired(self) -> bool:
+        return self.reason is not None
 
     def elapsed(self) -> float:
         return _now() - self.start
 
     def check(self, device: torch.device | str = "cpu") -> bool:
-        """Whether the limit is reached (sticky: once True it stays True). The same on every rank."""
-        if self.seconds <= 0 or self.expired:
-            return self.expired
-        late = self.elapsed() >= self.seconds
-        if dist.world_size() > 1:  # the clocks of the ranks differ a little: decide together
-            flag: Tensor = torch.tensor(float(late), device=device)
-            late = bool(dist.all_reduce_(flag) > 0)
-        self.expired = late
-        return self.expired
+        """Whether to stop now (sticky: once True it stays True). The same on every rank."""
+        if self.reason is not None:
+            return True
+        late = self.seconds > 0 and self.elapsed() >= self.seconds
+        signum = self._received
+        if dist.world_size() > 1:  # the ranks' clocks and signals differ a little: decide together
+            flags = torch.tensor([float(late), float(signum)], device=device)
+            late_any, signum_max = dist.all_reduce_(flags, "max").tolist()
+            late, signum = late_any > 0, int(signum_max)
+        if signum:
+            self.reason, self.signum = signal.Signals(signum).name, signum
+        elif late:
+            self.reason = "time_limit"
+        return self.reason is not None
