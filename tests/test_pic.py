@@ -159,6 +159,34 @@ def test_queue_holds_the_last_k_visited_ids_and_sampling_uses_batch_plus_queue()
 
 # ---------------------------------------------------------------- multi-crop
 @pytest.mark.parametrize("queue_size", [0, 8])
+def test_row_init_from_features_only_at_the_first_epoch(queue_size):
+    from instdisc.methods.base import EpochContext
+
+    m = make_pic(queue_size=queue_size, row_init="features", init_std=0.05)
+    images = torch.randn(m.num_samples, 3, 4, 4)
+
+    def rows():
+        return (m.classifier if queue_size == 0 else m.rows.weight).detach().clone()
+
+    def ctx(epoch):
+        return EpochContext(epoch=epoch, num_epochs=3, predict_all=lambda fn: fn(images))
+
+    random_rows = rows()
+    assert m.on_epoch_start(ctx(0)) == {"row_init": 1.0}
+    # Each row points at its own image's embedding, with the norm random rows have on average.
+    assert torch.allclose(rows(), m.embed(images) * 0.05 * 8**0.5, atol=1e-6)
+    # ...so at step 0 every image is already its own nearest class.
+    logits = m.embed(images) @ F.normalize(rows(), dim=1).t()  # (N, N)
+    assert torch.equal(logits.argmax(1), torch.arange(m.num_samples))
+    assert not torch.allclose(rows(), random_rows)
+    trained = rows()
+    assert m.on_epoch_start(ctx(1)) == {}  # later epochs (and resumed runs) keep the trained rows
+    assert torch.equal(rows(), trained)
+    paper = make_pic(queue_size=queue_size)
+    assert paper.on_epoch_start(ctx(0)) == {}  # the default keeps the paper's random init
+
+
+@pytest.mark.parametrize("queue_size", [0, 8])
 def test_small_crops_give_no_gradient_to_the_classifier(queue_size):
     m = make_pic(queue_size=queue_size, small_crops=2)
     g = torch.Generator().manual_seed(3)

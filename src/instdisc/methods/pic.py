@@ -17,7 +17,9 @@ row w_i per training image; logits cos(f, w_j) / tau, cross-entropy against the 
   sampled (sparse_sgd.py, exact for any lr schedule).
 
 Beyond the paper, `--rows-on host` keeps the N classifier rows and their momentum in host memory
-and moves only the sampled rows to the training device.
+and moves only the sampled rows to the training device, and `--row-init features` starts each row at
+its image's own embedding instead of a random vector (for short runs: a row moves only when its
+image is sampled; docs/pic.md).
 
 With `--queue-size 0` (the default, as the released code) the classifier is an ordinary
 nn.Parameter trained by plain SGD over all N rows.
@@ -36,7 +38,8 @@ from torch import Tensor, nn
 from instdisc.augment import AugmentConfig
 from instdisc.dist import all_gather_cat, rank
 from instdisc.errors import ConfigError
-from instdisc.methods.base import Method, StepOutput
+from instdisc.memory import ring_write_
+from instdisc.methods.base import EpochContext, Method, StepOutput
 from instdisc.models import ProjectionHead
 from instdisc.sparse_sgd import SampledRows, SampledRowSGD
 
@@ -72,6 +75,13 @@ class PICConfig:
         metadata={"help": "with --queue-size: where the N classifier rows live; host = only sampled rows on the device"},
     )
     init_std: float = field(default=0.01, metadata={"help": "std of the classifier's normal init (PIC: 0.01)"})
+    row_init: Literal["random", "features"] = field(
+        default="random",
+        metadata={
+            "help": "initial classifier rows: N(0, init_std^2) (paper) or each image's own embedding at "
+            "initialisation, scaled to the random rows' norm init_std*sqrt(dim) (one extra pass; helps short runs)"
+        },
+    )
 
     def validate(self, num_samples: int) -> None:
         if self.temperature <= 0:
@@ -178,14 +188,25 @@ class PIC(Method):
         w = self.rows.fetch(classes, device=idx.device)  # (C, D) leaf, corrected to this step
         return w, target
 
-    @torch.no_grad()
     def _enqueue(self, ids: Tensor) -> None:
         """Ring buffer of the last K visited ids; `ids` are the all-gathered batch (same on every rank)."""
-        k, n = self.queue.shape[0], ids.shape[0]
-        m = min(n, k)  # a batch larger than the queue keeps only its last K ids
-        pos = (self.queue_ptr + (n - m) + torch.arange(m, device=ids.device)) % k  # (m,)
-        self.queue.index_copy_(0, pos, ids[n - m :].to(self.queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + n) % k)
+        ring_write_(self.queue, self.queue_ptr, ids)
+
+    @torch.no_grad()
+    def on_epoch_start(self, ctx: EpochContext) -> dict[str, float]:
+        if self.cfg.row_init != "features" or ctx.epoch != 0:
+            return {}
+        # Random rows make every image's first targets random directions, and in a short run a row
+        # is visited too few times to recover (the loss stays near ln C). Starting each row at its
+        # image's own embedding makes the first steps a real instance discrimination, as NPID's
+        # bank_init. The norm stays the random init's, so the first updates move rows as in the paper.
+        # predict_all returns the same (N, D) on every rank, so the rows stay identical.
+        rows = ctx.predict_all(self.embed) * (self.cfg.init_std * self.cfg.dim**0.5)  # (N, D)
+        if self.rows is None:
+            self.classifier.data.copy_(rows.to(self.classifier))
+        else:
+            self.rows.weight.copy_(rows.to(self.rows.weight))
+        return {"row_init": 1.0}
 
     @torch.no_grad()
     def embed(self, x: Tensor) -> Tensor:
