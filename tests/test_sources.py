@@ -25,10 +25,14 @@ from instdisc.sources import (
     CifarDownload,
     FileImageSet,
     ImageSet,
+    builtin,
+    decode,
     decode_image,
     default_cache_dir,
     fit_image,
+    layouts,
     open_source,
+    trees,
 )
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
@@ -176,7 +180,7 @@ def test_synthetic_deterministic_balanced_learnable(tmp_path):
     np.testing.assert_array_equal(a.labels, b.labels)
     assert not np.array_equal(a.images[:128], te.images)  # different seed per split
     assert np.bincount(a.labels).tolist() == [52] * 2 + [51] * 8  # balanced
-    assert a.classes == list(sources.SYNTHETIC_CLASSES)
+    assert a.classes == list(builtin.SYNTHETIC_CLASSES)
     # learnable: 1-NN on 8x8 thumbnails beats chance (10%) by far
     def feats(s):
         x = s.images.astype(np.float32).reshape(len(s), 8, 4, 8, 4, 3).mean(axis=(2, 4))
@@ -192,7 +196,7 @@ def test_synthetic_sizes_and_speed(cache):
     t = open_source("synthetic:40", "test", cache_dir=cache)
     assert (len(s), len(t), s.name) == (40, 10, "synthetic:40")
     assert len(open_source("synthetic:3", "test", cache_dir=cache)) == 1
-    best = min(_timed(lambda: sources._make_synthetic(512, "train")) for _ in range(3))
+    best = min(_timed(lambda: builtin._make_synthetic(512, "train")) for _ in range(3))
     assert best < 0.2, best
     for bad in ("synthetic:0", "synthetic:abc", "synthetic:-3"):
         with pytest.raises(DataError, match="synthetic:N"):
@@ -677,7 +681,9 @@ def test_cache_hit_does_not_decode_and_is_fast(tmp_path, cache, monkeypatch):
     arch = make_tar(tmp_path / "ds.tar.gz", src, None)
     first = {spec: open_source(spec, cache_dir=cache) for spec in (str(src), str(arch))}
     first["synthetic"] = open_source("synthetic", cache_dir=cache)
-    monkeypatch.setattr(sources, "decode_image", _no_decode)
+    # patched where they are looked up: decode_image by the decoding of whole splits, the other
+    # two by open_source's dispatch in the package itself
+    monkeypatch.setattr(decode, "decode_image", _no_decode)
     monkeypatch.setattr(sources, "_make_synthetic", _no_decode)
     monkeypatch.setattr(sources, "_open_archive", _no_decode)  # an archive hit does not even list it
     for spec, s1 in first.items():
@@ -737,8 +743,8 @@ def test_unwritable_cache_falls_back_to_memory(tmp_path):
 
 
 def test_progress_line(tmp_path, cache, monkeypatch, capsys):
-    monkeypatch.setattr(sources, "_PROGRESS_MIN_ITEMS", 1)
-    monkeypatch.setattr(sources.Progress, "update", lambda self, n=1, postfix=None: setattr(self, "n", self.n + n))
+    monkeypatch.setattr(decode, "_PROGRESS_MIN_ITEMS", 1)
+    monkeypatch.setattr(decode.Progress, "update", lambda self, n=1, postfix=None: setattr(self, "n", self.n + n))
     src = write_tree(tmp_path / "ds")
     open_source(str(src), cache_dir=cache, progress=True)
     assert "decode ds [train]" in capsys.readouterr().err
@@ -851,9 +857,9 @@ def test_fuzz_corrupted_archive(kind, flips, cut):
 def test_shared_cifar_archive_listing():
     if not SHARED_CIFAR.is_file():
         pytest.skip("needs ../shared/data/cifar10-jpeg.tar.gz (not in a fresh clone)")
-    tree = sources._open_archive(SHARED_CIFAR, None, progress=False)
-    tr = sources._imagefolder(tree, "train")
-    te = sources._imagefolder(tree, "test")
+    tree = trees._open_archive(SHARED_CIFAR, None, progress=False)
+    tr = layouts._imagefolder(tree, "train")
+    te = layouts._imagefolder(tree, "test")
     assert len(tr.names) == 50_000 and len(te.names) == 10_000
     assert tr.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert np.bincount(tr.labels).tolist() == [5000] * 10 and np.bincount(te.labels).tolist() == [1000] * 10
