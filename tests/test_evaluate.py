@@ -12,6 +12,7 @@ from PIL import Image
 from instdisc import evaluate as E
 from instdisc.cli import main
 from instdisc.errors import UserError
+from instdisc.evaluate import knn_eval
 from instdisc.knn import knn_accuracy, weighted_knn
 from instdisc.visual import (
     AGREE,
@@ -77,14 +78,14 @@ def test_auto_backend_switches_to_faiss_for_large_banks(monkeypatch):
     monkeypatch.setattr(faiss, "IndexFlatIP", lambda d: used.append(d) or real(d))
     E.knn_scores(bank[:5], bank, by, ks=(5,), backend="auto")
     assert not used  # 200 rows: torch
-    monkeypatch.setattr(E, "FAISS_MIN_ROWS", 100)
+    monkeypatch.setattr(knn_eval, "FAISS_MIN_ROWS", 100)  # read where resolve_backend lives
     E.knn_scores(bank[:5], bank, by, ks=(5,), backend="auto")
     assert used == [8]
     assert E.resolve_backend("auto", 99) == "torch" and E.resolve_backend("auto", 100) == "faiss"
 
 
 def test_faiss_request_without_faiss_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(E, "faiss_available", lambda: False)
+    monkeypatch.setattr(knn_eval, "faiss_available", lambda: False)  # looked up by resolve_backend
     with pytest.raises(UserError, match="pip install"):
         E.resolve_backend("faiss", 10)
     assert E.resolve_backend("auto", 10**9) == "torch"

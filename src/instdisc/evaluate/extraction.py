@@ -1,0 +1,245 @@
+"""Features for the protocols: a `Subject`'s embedding, pooled backbone or per-stage features
+of every image of a source (`extract`, cached as .npy under RUN_DIR/eval/features and keyed by the
+weights), or exported feature files; `features_for` returns either as labelled `EvalFeatures`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from instdisc.errors import ConfigError, UserError
+from instdisc.evaluate.subject import Subject, load_subject, stage_dims
+
+FeatureKind = Literal["embedding", "backbone", "stages"]
+
+
+def _feature_fn(subject: Subject, kind: FeatureKind) -> Callable[[Tensor], Tensor]:
+    if kind == "embedding":
+        return subject.embed
+    if kind == "backbone":
+        return lambda x: subject.backbone(x).float()
+    if kind == "stages":
+        stage_dims(subject)
+        return lambda x: torch.cat(
+            [s.float() for s in subject.backbone.forward_stages(x)], dim=1
+        )  # (B, sum dims)
+    raise ConfigError(f"unknown feature kind {kind!r}; choose embedding, backbone or stages.")
+
+
+def open_images(
+    subject: Subject | None,
+    data: str | None,
+    split: str,
+    *,
+    cache_dir: str | None = None,
+    progress: bool = False,
+):
+    """The `ImageSet` of one split, defaulting to the run's own source."""
+    from instdisc.sources import open_source
+
+    spec = data or (subject.data if subject is not None else None)
+    if not spec:
+        raise UserError(
+            "no data source: pass --data (published weights do not say what they were trained on)."
+        )
+    # A run reopens its data as it trained on it; published weights get the source's default
+    # (small images as they are, streamed ones resized to 256, then centre-cropped by preprocess).
+    image_size = subject.image_size if subject is not None else None
+    return open_source(
+        spec,
+        split,
+        cache_dir=cache_dir or (subject.cache_dir if subject else None),
+        image_size=image_size,
+        progress=progress,
+    )
+
+
+@torch.no_grad()
+def extract(
+    subject: Subject,
+    images,
+    kind: FeatureKind = "embedding",
+    *,
+    batch_size: int = 256,
+    cache: Path | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Features of every image (eval transform), row i = index i; cached as .npy when `cache` is set.
+
+    The cache file name includes a hash of the weights' fingerprint, the source, split, kind and
+    transform, so a retrained run or another source never reads stale features.
+    """
+    from instdisc.features import extract_features, load_features, save_features
+
+    key = hashlib.sha1(
+        json.dumps(
+            [
+                subject.fingerprint,
+                images.name,
+                images.split,
+                len(images),
+                kind,
+                subject.size,
+                list(subject.mean),
+                list(subject.std),
+            ]
+        ).encode()
+    ).hexdigest()[:12]
+    path = None if cache is None else Path(cache) / f"{images.split}-{kind}-{key}.npy"
+    if path is not None and path.is_file():
+        feats, _ = load_features(path)
+        if feats.shape[0] == len(images):
+            return feats
+    feats = (
+        extract_features(
+            _feature_fn(subject, kind),
+            images,
+            size=subject.size,
+            mean=subject.mean,
+            std=subject.std,
+            batch_size=batch_size,
+            device=subject.device,
+            workers=subject.workers,
+            desc=f"{kind} {images.split}",
+            progress=progress,
+        )
+        .float()
+        .cpu()
+    )
+    if path is not None:
+        meta = {
+            "source": images.name,
+            "split": images.split,
+            "kind": kind,
+            "weights": subject.fingerprint,
+            "classes": images.classes,
+        }
+        save_features(path, feats, images.labels, meta)
+        _prune_cache(path, meta)
+    return feats
+
+
+def _prune_cache(keep: Path, meta: dict[str, Any]) -> None:
+    """Delete cached features of the same source, split and kind made from older weights."""
+    for other in keep.parent.glob(f"{meta['split']}-{meta['kind']}-*.meta.json"):
+        stem = other.name[: -len(".meta.json")]
+        if stem == keep.name[: -len(".npy")]:
+            continue
+        try:
+            old = json.loads(other.read_text())
+        except (ValueError, OSError):
+            continue
+        if old.get("source") == meta["source"] and old.get("weights") != meta["weights"]:
+            for suffix in (".npy", ".labels.npy", ".meta.json"):
+                (other.parent / f"{stem}{suffix}").unlink(missing_ok=True)
+
+
+@dataclass
+class EvalFeatures:
+    """Train/test features and labels for the protocols, and where results go."""
+
+    train_x: Tensor  # (N, D)
+    train_y: Tensor  # (N,)
+    test_x: Tensor  # (M, D)
+    test_y: Tensor  # (M,)
+    num_classes: int
+    classes: list[str]
+    kind: str
+    save_dir: Path | None = None
+    subject: Subject | None = None
+    train_images: Any = None
+    test_images: Any = None
+    stage_dims: tuple[int, ...] = ()
+
+
+def features_for(
+    run: str | None = None,
+    *,
+    train: str | None = None,
+    test: str | None = None,
+    data: str | None = None,
+    kind: FeatureKind = "embedding",
+    device: str = "auto",
+    layout: str | None = None,
+    batch_size: int = 256,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> EvalFeatures:
+    """Labelled train and test features from a run / checkpoint (embedded, cached) or from files.
+
+    Raises:
+        UserError: neither a run nor both files, or a source without labels.
+    """
+    from instdisc.features import load_features
+
+    if run:
+        subject = load_subject(run, device=device, layout=layout)
+        save_dir = subject.run_dir / "eval" if subject.run_dir is not None else None
+        cache = save_dir / "features" if save_dir is not None and use_cache else None
+        tr = open_images(subject, data, "train", cache_dir=cache_dir, progress=progress)
+        te = open_images(subject, data, "test", cache_dir=cache_dir, progress=progress)
+        if tr.labels is None or te.labels is None:
+            raise UserError(
+                f"{tr.name!r} has no labels: these protocols need labelled train and test splits."
+            )
+        tx = extract(subject, tr, kind, batch_size=batch_size, cache=cache, progress=progress)
+        qx = extract(subject, te, kind, batch_size=batch_size, cache=cache, progress=progress)
+        c = max(len(tr.classes), int(tr.labels.max()) + 1, int(te.labels.max()) + 1)
+        return EvalFeatures(
+            tx,
+            torch.from_numpy(tr.labels),
+            qx,
+            torch.from_numpy(te.labels),
+            c,
+            list(tr.classes),
+            kind,
+            save_dir=save_dir,
+            subject=subject,
+            train_images=tr,
+            test_images=te,
+            stage_dims=stage_dims(subject) if kind == "stages" else (),
+        )
+    if not (train and test):
+        raise UserError(
+            "give a run directory / checkpoint, or both --train and --test feature files."
+        )
+    if kind == "stages":
+        raise UserError(
+            "per-stage evaluation needs a run directory or checkpoint (exported files hold one feature)."
+        )
+    tx, ty = load_features(train)
+    qx, qy = load_features(test)
+    if ty is None or qy is None:
+        raise UserError(
+            "these protocols need FILE.labels.npy next to both feature files (written by `embed`)."
+        )
+    if tx.shape[1] != qx.shape[1]:
+        raise UserError(f"train features have {tx.shape[1]} dims but test features {qx.shape[1]}.")
+    classes = _meta_classes(train)
+    c = max(len(classes), int(ty.max()) + 1, int(qy.max()) + 1)
+    return EvalFeatures(tx, ty, qx, qy, c, classes, kind="file")
+
+
+def _meta_classes(npy: str) -> list[str]:
+    p = Path(npy)
+    meta = p.with_name(p.name[: -len(".npy")] + ".meta.json") if p.name.endswith(".npy") else None
+    if meta is not None and meta.is_file():
+        try:
+            return list(json.loads(meta.read_text()).get("classes") or [])
+        except (ValueError, OSError):
+            return []
+    return []
+
+
+def split_stages(x: Tensor, dims: Sequence[int]) -> list[Tensor]:
+    """(N, sum dims) -> one (N, d_s) tensor per stage."""
+    return list(torch.split(x, list(dims), dim=1))

@@ -1,0 +1,54 @@
+"""Result files: every protocol writes RUN_DIR/eval/NAME.json (`save_result`), which the report
+reads back (`load_results`); `format_table` prints rows for the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def save_result(save_dir: Path | None, name: str, payload: dict[str, Any]) -> Path | None:
+    """Write save_dir/NAME.json (the report reads these); no-op without a directory."""
+    if save_dir is None:
+        return None
+    save_dir.mkdir(parents=True, exist_ok=True)
+    path = save_dir / f"{name}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(
+        json.dumps(
+            {"protocol": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}, indent=2
+        )
+    )
+    tmp.replace(path)
+    return path
+
+
+def load_results(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Every RUN_DIR/eval/*.json written by `save_result`, by protocol name."""
+    out = {}
+    d = Path(run_dir) / "eval"
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            out[p.stem] = json.loads(p.read_text())
+        except (ValueError, OSError):
+            continue
+    return out
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Plain-text table of `rows` (floats with 2 decimals)."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [
+        max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)
+    ]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)

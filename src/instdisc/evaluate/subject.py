@@ -1,0 +1,147 @@
+"""What is evaluated: a run's model or published weights, as a `Subject` (the frozen model,
+its embedding and backbone, and the eval transform its features need). `load_subject` reads a run
+directory, an instdisc checkpoint or a released checkpoint (`instdisc.published`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from instdisc.errors import CheckpointError, UserError
+
+
+@dataclass
+class Subject:
+    """A frozen model and the eval transform its features need.
+
+    Attributes:
+        name: shown in tables and reports.
+        module: the method (or `published.PublishedModel`), in eval mode on `device`.
+        embed: (B, 3, H, W) normalised images -> (B, D) L2-normalised embedding.
+        backbone: (B, 3, H, W) -> (B, F) pooled backbone features.
+        size, mean, std: the eval transform (`augment.preprocess`).
+        data: the run's training source (default for --data), None for published weights.
+        image_size, workers, cache_dir: how the run opened its data.
+        run_dir: results and feature caches go to run_dir/eval; None for published weights.
+        fingerprint: identifies the weights (path, size, mtime) for the feature cache.
+    """
+
+    name: str
+    module: nn.Module
+    embed: Callable[[Tensor], Tensor]
+    backbone: nn.Module
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: torch.device
+    data: str | None = None
+    image_size: int | None = None
+    workers: int = 4
+    cache_dir: str | None = None
+    run_dir: Path | None = None
+    fingerprint: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def load_subject(
+    path: str | Path, *, device: str | torch.device = "auto", layout: str | None = None
+) -> Subject:
+    """A run directory, an instdisc checkpoint or a published checkpoint -> `Subject`.
+
+    Args:
+        path: RUN_DIR, RUN_DIR/checkpoints/last.pt, or a released .pth/.pth.tar (see published.py).
+        device: auto | cpu | cuda | cuda:N.
+        layout: force a published layout (published.LAYOUTS); default: detect.
+    """
+    from instdisc import published
+    from instdisc.checkpoint import find_checkpoint, load_checkpoint
+
+    dev = _device(device)
+    p = Path(path)
+    if layout is None and p.is_dir():
+        ck = load_checkpoint(p)
+        return _subject_from_run(
+            ck, find_checkpoint(p), dev, run_dir=p.parent if p.name == "checkpoints" else p
+        )
+    if not p.is_file():
+        raise UserError(f"{str(p)!r} is neither a run directory nor a checkpoint file.")
+    obj = published.read_weights(p)
+    if layout is None and published.is_instdisc_checkpoint(obj):
+        run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
+        return _subject_from_run(obj, p, dev, run_dir=run_dir)
+    model = published.load_published(obj, layout=layout, source=str(p)).to(dev).eval()
+    mean, std = model.norm_stats
+    return Subject(
+        name=f"{p.name} ({model.layout}, {model.arch})",
+        module=model,
+        embed=model.embed,
+        backbone=model.backbone,
+        size=model.input_size,
+        mean=mean,
+        std=std,
+        device=dev,
+        fingerprint=_fingerprint(p),
+        config={"published_layout": model.layout, "arch": model.arch},
+    )
+
+
+def _subject_from_run(
+    ck: dict[str, Any], ck_path: Path, dev: torch.device, *, run_dir: Path | None
+) -> Subject:
+    from instdisc.config import TrainConfig
+    from instdisc.engine import build_method
+
+    cfg = TrainConfig.from_dict(ck["config"])
+    method = build_method(cfg, int(ck["num_samples"]))
+    try:
+        method.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"checkpoint {str(ck_path)!r} does not match its own config: {str(e).splitlines()[0]}"
+        ) from None
+    method = method.to(dev).eval()
+    a = cfg.aug
+    name = run_dir.name if run_dir is not None else ck_path.name
+    return Subject(
+        name=f"{name} ({cfg.run.method}, {cfg.model.arch} w{cfg.model.width})",
+        module=method,
+        embed=method.embed,
+        backbone=method.backbone,
+        size=a.size,
+        mean=tuple(a.mean),
+        std=tuple(a.std),
+        device=dev,
+        data=cfg.data.data,
+        image_size=cfg.data.image_size,
+        workers=cfg.data.workers,
+        cache_dir=cfg.data.cache_dir,
+        run_dir=run_dir,
+        fingerprint=_fingerprint(ck_path),
+        config=cfg.to_dict(),
+    )
+
+
+def stage_dims(subject: Subject) -> tuple[int, ...]:
+    dims = getattr(subject.backbone, "stage_dims", None)
+    if dims is None or not hasattr(subject.backbone, "forward_stages"):
+        raise UserError(
+            f"the backbone of {subject.name} has no per-stage features (only ResNets do)."
+        )
+    return tuple(dims)
