@@ -264,10 +264,24 @@ class _DirTree(_Tree):
         return _DirItems(self.path, names)
 
 
-class _ZipTree(_Tree):
-    """A zip archive (central directory listed once; members read in file order)."""
+class _ArchiveTree(_Tree):
+    """A tree inside one archive file: members are named ``archive:member``, and the archive's
+    content digest (computed once, or given by the caller) fingerprints every selection of it."""
 
     is_archive = True
+    _digest: str | None
+
+    def display(self, name: str) -> str:
+        return f"{self.path}:{name}" if name else str(self.path)
+
+    def fingerprint(self, names: Iterable[str]) -> str:
+        if self._digest is None:
+            self._digest = _file_digest(self.path)
+        return self._digest
+
+
+class _ZipTree(_ArchiveTree):
+    """A zip archive (central directory listed once; members read in file order)."""
 
     def __init__(self, path: Path, digest: str | None = None) -> None:
         self.path, self._digest = path, digest
@@ -302,14 +316,6 @@ class _ZipTree(_Tree):
                 info.header_offset,
             )
         _add_parent_dirs(self.files, self.dirs)
-
-    def display(self, name: str) -> str:
-        return f"{self.path}:{name}" if name else str(self.path)
-
-    def fingerprint(self, names: Iterable[str]) -> str:
-        if self._digest is None:
-            self._digest = _file_digest(self.path)
-        return self._digest
 
     def read_many(self, names: Sequence[str]) -> Iterator[_ReadResult]:
         for n in sorted(names, key=lambda m: self._offset.get(m, -1)):  # sequential disk access
@@ -388,14 +394,12 @@ _ARCHIVE_ERRORS = (
 )
 
 
-class _TarTree(_Tree):
+class _TarTree(_ArchiveTree):
     """A tar archive, listed in one pass.
 
     For a compressed tar the member bytes are kept while listing (up to 512 MiB), because a
     compressed stream cannot be read at random: a second pass would decompress everything again.
     """
-
-    is_archive = True
 
     def __init__(self, path: Path, digest: str | None = None, progress: bool = False) -> None:
         self.path, self._digest = path, digest
@@ -465,14 +469,6 @@ class _TarTree(_Tree):
         if self.compressed:  # read to the end so gzip/bz2/xz verify their checksum and length
             while stream.read(2**20):
                 pass
-
-    def display(self, name: str) -> str:
-        return f"{self.path}:{name}" if name else str(self.path)
-
-    def fingerprint(self, names: Iterable[str]) -> str:
-        if self._digest is None:
-            self._digest = _file_digest(self.path)
-        return self._digest
 
     def read_many(self, names: Sequence[str]) -> Iterator[_ReadResult]:
         wanted = list(names)
