@@ -1,7 +1,6 @@
 """Two real processes (gloo on CPU): shared state must stay identical on every rank."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +9,9 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
+from gloo import free_port, init_gloo
 
 pytestmark = pytest.mark.dist
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
 
 
 def _bank_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -30,7 +19,7 @@ def _bank_worker(rank: int, world: int, port: int, out: str) -> None:
     from instdisc.memory import MemoryBank
     from instdisc.methods.npid import estimate_log_z
 
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     torch.manual_seed(0)  # same initial bank on both ranks
     bank = MemoryBank(24, 4, momentum=0.5)
     g = torch.Generator().manual_seed(100 + rank)  # different data per rank
@@ -47,7 +36,7 @@ def _bank_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_bank_identical_across_ranks_and_equal_to_one_process(tmp_path):
-    mp.spawn(_bank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_bank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["bank"], r1["bank"])
     assert torch.equal(r0["log_z"], r1["log_z"])
@@ -67,12 +56,37 @@ def test_bank_identical_across_ranks_and_equal_to_one_process(tmp_path):
     assert torch.allclose(bank.bank, r0["bank"], atol=1e-6)
 
 
+def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+    import signal
+
+    from instdisc.runtime import StopRequest
+
+    init_gloo(rank, world, port)
+    with StopRequest(0) as stop:
+        seen = [stop.check()]  # no reason anywhere yet
+        if rank == 1:  # a signal that reached only one rank (e.g. sent to one process)
+            os.kill(os.getpid(), signal.SIGTERM)
+        seen += [stop.check(), stop.reason]
+    with open(f"{out}/stop{rank}.json", "w") as f:
+        json.dump(seen, f)
+    tdist.destroy_process_group()
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    import json
+
+    mp.spawn(_stop_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"stop{r}.json").read_text()) == [False, True, "SIGTERM"], r
+
+
 def test_torchrun_two_processes_train_npid(tmp_path):
     """The same `instdisc train` command under torchrun: trains, checkpoints, banks agree (the engine
     checks every rank's buffers at each checkpoint and fails loudly otherwise)."""
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
         "-m", "instdisc", "train", "--method", "npid", "--data", "synthetic:256", "--out", str(out),
         "--epochs", "2", "--batch-size", "32", "--arch", "resnet18", "--width", "8", "--nce-k", "64",
         "--knn-k", "10", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu",

@@ -3,14 +3,13 @@ momentum encoder and the queue, 2-process runs against 1-process runs, and that 
 
 import copy
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo import free_port, init_gloo
 from torch import nn
 
 from instdisc import dist
@@ -23,18 +22,6 @@ from instdisc.knn import weighted_knn
 from instdisc.methods.moco import info_nce
 from instdisc.methods.simclr import nt_xent, nt_xent_global
 from instdisc.sources import open_source
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
 
 
 def _moco(**kw):
@@ -243,7 +230,7 @@ def _moco_run(world: int, rank: int, splits: int) -> dict:
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     # One pair of processes for both 2-process checks (starting processes is the slow part).
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     _gather_check(rank, out)
     torch.save(_moco_run(world, rank, splits=1), f"{out}/moco{rank}.pt")
     tdist.destroy_process_group()
@@ -252,7 +239,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_processes")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return out
 
 

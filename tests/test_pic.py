@@ -3,14 +3,13 @@ scheduler, host rows, learning, two processes and the command line."""
 
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo import free_port, init_gloo
 from torch import nn
 
 from instdisc import sparse_sgd
@@ -379,12 +378,6 @@ def test_loader_splits_each_global_batch_of_the_window_across_ranks():
 
 
 # ---------------------------------------------------------------- two processes
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _batches(step):
     g = torch.Generator().manual_seed(100 + step)
     return torch.randperm(40, generator=g)[:8], torch.randn(8, 3, 4, 4, generator=g)
@@ -411,9 +404,7 @@ def _train_ddp_or_not(queue_size, rank=0, world=1, steps=5):
 def _worker(rank, world, port, out):
     from instdisc import dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
     res = {}
     for q in (0, 12):
         m = _train_ddp_or_not(q, rank, world)
@@ -424,7 +415,7 @@ def _worker(rank, world, port, out):
 
 @pytest.mark.dist
 def test_two_processes_keep_one_classifier_equal_to_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for q in (0, 12):
         s0, s1 = r0[q]["state"], r1[q]["state"]

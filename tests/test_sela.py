@@ -3,14 +3,13 @@ the relabelling schedule and hook, label export and reuse, cluster metrics, the 
 
 import json
 import math
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
+from gloo import free_port, init_gloo
 from scipy.special import logsumexp
 from torch import nn
 
@@ -128,12 +127,6 @@ def test_max_iter_cap_and_bad_input():
 # --------------------------------------------------------------------------- 2 processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tiny_images(n, seed=0):
     from instdisc.sources import ArrayImageSet
 
@@ -155,9 +148,7 @@ def _predict_all(images):
 
 
 def _sharded_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
     log_p = random_log_p(101, 6, 2.0, seed=6)  # 101 rows: shards of 51 and 50
     rows = log_p[:51] if rank == 0 else log_p[51:]
     res = sinkhorn_knopp(rows, 25.0, tol=1e-4, max_iter=2000, sharded=True)
@@ -169,7 +160,7 @@ def _sharded_worker(rank, world, port, out):
 
 @pytest.mark.dist
 def test_sharded_solve_equals_single_process(tmp_path):
-    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     single = sinkhorn_knopp(random_log_p(101, 6, 2.0, seed=6), 25.0, tol=1e-4, max_iter=2000)
     torch.testing.assert_close(r0["res"].log_v, r1["res"].log_v, rtol=0, atol=0)  # the same on every rank
