@@ -51,7 +51,8 @@ def _train_parser(method: str) -> argparse.ArgumentParser:
         description=(
             f"Train a self-supervised model. Flags shown are those of --method {method}; "
             f"methods: {', '.join(METHODS)}. Precedence: defaults < --config file < flags. "
-            f"--data: {SOURCES_HELP}."
+            f"--data: {SOURCES_HELP}. SIGTERM or Ctrl-C finishes the step under way, writes a checkpoint and "
+            "exits with 128 + the signal (143, 130); --resume continues exactly."
         ),
     )
     p.add_argument("--config", help="flat YAML preset whose keys are these flag names (e.g. configs/npid_cifar10.yaml)")
