@@ -60,11 +60,20 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, cache):
     # Stop at step 9 of 12 (mid-epoch 2), then resume to the end.
     assert train(part, "--epochs", "2", "--max-steps", "9") == 0
     ck = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
-    assert ck["state"] == {"epoch": 1, "epoch_step": 3, "step": 9, "skipped": 0}
+    state = ck["state"]
+    assert {k: state[k] for k in ("epoch", "epoch_step", "step", "skipped")} == {
+        "epoch": 1, "epoch_step": 3, "step": 9, "skipped": 0}
+    assert state["epoch_loss_steps"] == 3 and state["epoch_loss_sum"] > 0
     assert train(part, "--epochs", "2", "--resume") == 0
     a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
     assert a["state"] == b["state"]
+    # The epoch lines agree too: epoch 2's mean loss covers all its steps, not only the resumed ones.
+    def epochs(run):
+        recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["epoch"], r["loss"]) for r in recs if r["type"] == "epoch"]
+
+    assert epochs(full) == epochs(part) and len(epochs(full)) == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert torch.equal(a["model"]["memory.bank"], b["model"]["memory.bank"])

@@ -146,6 +146,10 @@ class TrainState:
     epoch_step: int = 0  # steps already done in the current epoch
     step: int = 0  # global step
     skipped: int = 0  # steps skipped so far for a non-finite loss/gradient (--skip-nonfinite)
+    # The current epoch's loss so far (steps not skipped): checkpointed, so that the epoch's mean
+    # after a mid-epoch resume still covers the whole epoch.
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -306,7 +310,9 @@ def train_one_epoch(
     """
     model.train()
     device = loader.device
-    total, count, t0, seen = torch.zeros((), device=device), 0, time.perf_counter(), 0
+    t0, seen = time.perf_counter(), 0
+    if state.epoch_step == 0:
+        state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
     for x, idx in loader.epoch(state.epoch, start_step=state.epoch_step):
         s = step_seed(seed, state.step, loader.rank)
         torch.manual_seed(s)  # the method's own draws (e.g. NPID's negatives)
@@ -325,7 +331,8 @@ def train_one_epoch(
         scaler.scale(loss).backward()  # on every rank even if its loss is NaN: DDP's all-reduce needs it
         if clip_grad > 0:
             scaler.unscale_(optimizer)
-        bad = guard.check(loss, clip_grad)
+        bad = guard.check(loss, clip_grad)  # one host sync per step; so the .item() below costs nothing more
+        loss_value = loss.item()
         skipped = any(bad)
         if skipped:
             guard.handle(bad, loss, idx, state, seed=s)  # raises unless --skip-nonfinite allows a skip
@@ -335,17 +342,17 @@ def train_one_epoch(
         else:
             scaler.step(optimizer)
             scaler.update()
-            total += loss.detach()
-            count += 1
+            state.epoch_loss_sum += loss_value
+            state.epoch_loss_steps += 1
         seen += x.shape[0] * loader.world
         state.step += 1
         state.epoch_step += 1
-        bar.update(x.shape[0] * loader.world, postfix=f"loss {loss.item():.4f} lr {lrs[state.step - 1]:.4g}")
+        bar.update(x.shape[0] * loader.world, postfix=f"loss {loss_value:.4f} lr {lrs[state.step - 1]:.4g}")
         on_step(out, idx, skipped)
         if (max_steps and state.step >= max_steps) or (stop is not None and stop()):
             break
     dt = time.perf_counter() - t0
-    return {"loss": (total / max(count, 1)).item(), "img_per_s": seen / max(dt, 1e-9), "time_s": dt}
+    return {"loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1), "img_per_s": seen / max(dt, 1e-9), "time_s": dt}
 
 
 def open_sets(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
@@ -583,13 +590,16 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
             last = state.epoch >= o.epochs
             if test is not None and r.knn_every and (state.epoch % r.knn_every == 0 or last) and state.epoch_step == 0:
                 stats.update(evaluate_knn(method, train, test, cfg, env, use_bank=True))
-            metrics = {"type": "epoch", "epoch": state.epoch, "step": state.step, **epoch_logs, **stats}
+            # An epoch cut short (--max-steps, --time-limit, a signal) is logged as "epoch_part", so
+            # that "epoch" lines stay one per whole epoch across stops and resumes.
+            whole = state.epoch_step == 0
+            metrics = {"type": "epoch" if whole else "epoch_part", "epoch": state.epoch, "step": state.step,
+                       **epoch_logs, **stats}
             log.write(**metrics)
             knn = f" kNN top-1 {stats['knn_top1']:.2f}%" if "knn_top1" in stats else ""
-            dist.print0(
-                f"epoch {state.epoch}/{o.epochs} loss {stats['loss']:.4f}{knn} "
-                f"({stats['img_per_s']:.0f} img/s, {stats['time_s']:.1f}s)"
-            )
+            where = f"epoch {state.epoch}/{o.epochs}" if whole else \
+                f"epoch {state.epoch + 1}/{o.epochs} (stopped after step {state.epoch_step}/{spe})"
+            dist.print0(f"{where} loss {stats['loss']:.4f}{knn} ({stats['img_per_s']:.0f} img/s, {stats['time_s']:.1f}s)")
             save()
             stop = stop or clock.check(env.device)  # e.g. a signal during the evaluation: not one more epoch
     if test is not None and state.epoch >= o.epochs:
