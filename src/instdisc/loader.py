@@ -203,8 +203,9 @@ class TrainLoader:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    # SIGTERM/SIGINT reach the whole process group; the training process stops after its step and
-    # shuts the workers down itself (runtime.StopRequest), so a worker must not die first.
+    # SIGTERM/SIGINT reach the whole process group; the main process decides what to do (training
+    # stops after its step, runtime.StopRequest) and shuts the workers down itself, so a worker
+    # must not die first.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -221,6 +222,7 @@ def eval_batches(
             yield x.to(device).permute(0, 3, 1, 2)
     else:
         batches = [torch.arange(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
-        dl = torch.utils.data.DataLoader(_FileBatches(images, batches), batch_size=None, num_workers=workers)
+        dl = torch.utils.data.DataLoader(_FileBatches(images, batches), batch_size=None, num_workers=workers,
+                                         worker_init_fn=_ignore_stop_signals)  # e.g. the kNN monitor in training
         for x in dl:
             yield x.to(device).permute(0, 3, 1, 2)
