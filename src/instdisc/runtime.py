@@ -145,7 +145,9 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for s in self._signals:
-                self._previous[s] = signal.signal(s, self._on_signal)
+                previous = signal.signal(s, self._on_signal)
+                # None: a handler installed outside Python; the default is the closest we can restore.
+                self._previous[s] = signal.SIG_DFL if previous is None else previous
         return self
 
     def __exit__(self, *exc: object) -> None:
