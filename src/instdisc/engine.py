@@ -306,7 +306,7 @@ def train_one_epoch(
     """One pass over the epoch's batches; returns the epoch's mean loss and throughput.
 
     on_step(out, idx, skipped) runs after every step, skipped or not (logging, step checkpoints).
-    stop() (optional), asked after on_step, ends the epoch early when True (--time-limit).
+    stop() (optional), asked after on_step, ends the epoch early when True (--time-limit, SIGTERM).
     """
     model.train()
     device = loader.device
@@ -584,7 +584,6 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
             )
             bar.close()
             dist.sync_norm_stats(method)  # every rank evaluates with the same model
-            stop = bool(r.max_steps and state.step >= r.max_steps) or clock.expired
             if state.epoch_step >= spe:
                 state.epoch, state.epoch_step = state.epoch + 1, 0
             last = state.epoch >= o.epochs
@@ -601,7 +600,8 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
                 f"epoch {state.epoch + 1}/{o.epochs} (stopped after step {state.epoch_step}/{spe})"
             dist.print0(f"{where} loss {stats['loss']:.4f}{knn} ({stats['img_per_s']:.0f} img/s, {stats['time_s']:.1f}s)")
             save()
-            stop = stop or clock.check(env.device)  # e.g. a signal during the evaluation: not one more epoch
+            # clock.check also sees a signal that came during the evaluation: then not one more epoch.
+            stop = bool(r.max_steps and state.step >= r.max_steps) or clock.check(env.device)
     if test is not None and state.epoch >= o.epochs:
         # Final number as the paper reports it: train features recomputed with the eval transform.
         final = evaluate_knn(method, train, test, cfg, env, use_bank=False)
