@@ -533,6 +533,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0 if not argv else 2
         return args.func(args)
+    except PeerError as e:
+        print(f"instdisc: error: {e}", file=sys.stderr)
+        # The process group is broken: gloo may still own a thread stuck in the failed send, and
+        # its destructor at interpreter exit aborts the process (SIGABRT, "terminate called without
+        # an active exception"), hiding our exit status. Everything worth keeping is on disk (the
+        # checkpoint is atomic, metrics are flushed per line), so leave without running destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.exit_code)
     except UserError as e:
         print(f"instdisc: error: {e}", file=sys.stderr)
         return e.exit_code
