@@ -418,6 +418,51 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             p.unlink()
 
 
+def restore_training(ck: dict[str, Any], method: Method, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler) -> TrainState:
+    """Load a checkpoint's weights, buffers, optimizer and scaler in place; return its loop state."""
+    try:
+        method.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
+    try:
+        load_optimizer_state(optimizer, ck["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit this model: {e}") from None
+    scaler.load_state_dict(ck["scaler"])
+    return TrainState(**ck["state"])
+
+
+def restore_order_and_rng(ck: dict[str, Any], order_crc32: int, env: Env) -> None:
+    """Check the resumed epoch's data order and restore this rank's global random generators."""
+    # The data order is a function of (seed, epoch); check that this process regenerates the
+    # one the checkpoint was taken with (it would not under, say, another torch's randperm).
+    saved_order = (ck.get("sampler") or {}).get("order_crc32")
+    if saved_order is not None and saved_order != order_crc32:
+        warnings.warn(
+            "the data order of this epoch differs from the one the checkpoint was taken with (another "
+            "torch version?): the run continues, but not bit-identically to an uninterrupted one.",
+            InstdiscWarning, stacklevel=3,
+        )
+    rngs = ck.get("rng") or []
+    if len(rngs) == env.world_size:
+        set_rng_state(rngs[env.rank], env.device)
+    elif rngs:
+        dist.print0(f"note: the checkpoint was taken with {len(rngs)} process(es), this run has "
+                    f"{env.world_size}: global random generators start afresh.")
+
+
+def wrap_for_training(method: Method, env: Env, *, compile: bool) -> nn.Module:
+    """The module the loop calls: DDP across ranks (gradients only; the methods keep their own
+    buffers equal with explicit collectives), optionally compiled. `method` stays the unwrapped one."""
+    model: nn.Module = method
+    if env.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            method, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False
+        )
+    return torch.compile(model) if compile else model
+
+
 def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train `cfg.run.method` and return the final metrics."""
     r, o = cfg.run, cfg.optim
@@ -450,26 +495,9 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
                                 impl=o.optimizer_impl)
     amp = autocast_dtype(r.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
-    state = TrainState()
-    if ck is not None:
-        try:
-            method.load_state_dict(ck["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
-        try:
-            load_optimizer_state(optimizer, ck["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"the checkpoint's optimizer state does not fit this model: {e}") from None
-        scaler.load_state_dict(ck["scaler"])
-        state = TrainState(**ck["state"])
+    state = TrainState() if ck is None else restore_training(ck, method, optimizer, scaler)
     dist.broadcast_buffers(method)
-    model: nn.Module = method
-    if env.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False
-        )
-    if r.compile:
-        model = torch.compile(model)
+    model = wrap_for_training(method, env, compile=r.compile)
 
     d = cfg.data
     order = make_order(d.sampler, n, seed=r.seed, window=d.window, stride=d.stride, batch_size=o.batch_size)
@@ -517,21 +545,7 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
         dist.barrier()
 
     if ck is not None:
-        # The data order is a function of (seed, epoch); check that this process regenerates the
-        # one the checkpoint was taken with (it would not under, say, another torch's randperm).
-        saved_order = (ck.get("sampler") or {}).get("order_crc32")
-        if saved_order is not None and saved_order != sampler_state()["order_crc32"]:
-            warnings.warn(
-                "the data order of this epoch differs from the one the checkpoint was taken with (another "
-                "torch version?): the run continues, but not bit-identically to an uninterrupted one.",
-                InstdiscWarning, stacklevel=2,
-            )
-        rngs = ck.get("rng") or []
-        if len(rngs) == env.world_size:
-            set_rng_state(rngs[env.rank], env.device)
-        elif rngs:
-            dist.print0(f"note: the checkpoint was taken with {len(rngs)} process(es), this run has "
-                        f"{env.world_size}: global random generators start afresh.")
+        restore_order_and_rng(ck, sampler_state()["order_crc32"], env)
     guard = NonFiniteGuard(
         method, max_skips=r.skip_nonfinite, check_grads=not scaler.is_enabled(), debug_dir=out / "debug",
         rank=env.rank, is_main=env.is_main, config=cfg.to_dict(),
