@@ -145,8 +145,9 @@ def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy every parameter and buffer of `module` from rank `src` to all ranks.
 
-    DDP with broadcast_buffers=False does not sync buffers at construction (PyTorch >= 2.1),
-    so we do it explicitly after building the model and after resuming.
+    Whether DDP syncs buffers at construction depends on the torch version and on which switch
+    turned its per-forward buffer broadcast off; we do it explicitly after building the model and
+    after resuming, so it holds everywhere.
     """
     if world_size() == 1:
         return
@@ -158,7 +159,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 def sync_norm_stats(module: torch.nn.Module, src: int = 0) -> None:
     """Broadcast BatchNorm running statistics from rank `src`.
 
-    With broadcast_buffers=False every rank keeps its own running stats (they only matter in eval
+    Without DDP's per-forward buffer broadcast every rank keeps its own running stats (they only matter in eval
     mode); syncing them before evaluation and checkpoints gives every rank rank 0's model, as DDP's
     default buffer broadcast would.
     """
