@@ -208,7 +208,7 @@ def _gather_check(rank: int, out: str) -> None:
 
 def _moco_run(world: int, rank: int, splits: int) -> dict:
     m = _moco(moco_k=24, moco_m=0.9, bn_splits=splits)
-    model = nn.parallel.DistributedDataParallel(m, broadcast_buffers=False) if world > 1 else m
+    model = dist.ddp(m) if world > 1 else m
     opt = torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9)
     g = torch.Generator().manual_seed(11)
     b = 16 // world

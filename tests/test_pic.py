@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gloo import free_port, init_gloo
 from torch import nn
 
-from instdisc import sparse_sgd
+from instdisc import dist, sparse_sgd
 from instdisc.augment import AugmentConfig, augment, preprocess
 from instdisc.cli import main
 from instdisc.config import OptimConfig, resolve
@@ -385,7 +385,7 @@ def _batches(step):
 
 def _train_ddp_or_not(queue_size, rank=0, world=1, steps=5):
     m = make_pic(n=40, queue_size=queue_size)
-    model = m if world == 1 else nn.parallel.DistributedDataParallel(m, broadcast_buffers=False)
+    model = m if world == 1 else dist.ddp(m)
     opt = m.configure_optimizer(lr=0.3, momentum=0.9, weight_decay=0.01)
     lrs = cosine_lrs(steps)
     b = 8 // world
@@ -402,8 +402,6 @@ def _train_ddp_or_not(queue_size, rank=0, world=1, steps=5):
 
 
 def _worker(rank, world, port, out):
-    from instdisc import dist
-
     init_gloo(rank, world, port)
     res = {}
     for q in (0, 12):

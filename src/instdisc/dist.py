@@ -9,6 +9,7 @@ call `all_gather_cat` unconditionally right where it mutates shared state.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -139,6 +140,17 @@ def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if op == "mean":
         x /= world_size()
     return x
+
+
+def ddp(module: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
+    """Wrap `module` for gradient all-reduce only, without DDP's per-forward buffer broadcast: a
+    rank's bank/queue/labels change inside its forward and the methods keep them equal with their
+    own collectives (broadcast once with `broadcast_buffers` before wrapping). Newer torch renamed
+    the switch and warns about the old one; both mean the same here."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    ids = [device.index] if device is not None and device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, **no_sync)
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ any step therefore replays exactly the same augmentations and negatives.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -456,16 +455,7 @@ def restore_order_and_rng(ck: dict[str, Any], order_crc32: int, env: Env) -> Non
 def wrap_for_training(method: Method, env: Env, *, compile: bool) -> nn.Module:
     """The module the loop calls: DDP across ranks (gradients only; the methods keep their own
     buffers equal with explicit collectives), optionally compiled. `method` stays the unwrapped one."""
-    model: nn.Module = method
-    if env.distributed:
-        # No buffer broadcast at each forward: a rank's bank/queue/labels change in its forward and are
-        # kept equal by the methods' own collectives. The buffers were broadcast once before wrapping.
-        # Newer torch renamed the switch (and warns about the old one); both mean the same here.
-        params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-        model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[env.device.index] if env.device.type == "cuda" else None, **no_sync
-        )
+    model: nn.Module = dist.ddp(method, env.device) if env.distributed else method
     return torch.compile(model) if compile else model
 
 
