@@ -324,6 +324,8 @@ def train_one_epoch(
         for group in optimizer.param_groups:
             group["lr"] = float(lrs[state.step])
         guard.before_forward()
+        # The networks run under autocast; each method computes its similarities, logits and loss in
+        # fp32 inside methods.base.full_precision (tests/test_precision.py).
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(views, idx)
         loss = out.loss

@@ -8,6 +8,7 @@ batch's dataset indices it returns its loss; the loop does the rest.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -87,6 +88,25 @@ class Method(nn.Module):
         The kNN monitor uses them for free instead of re-embedding the training set.
         """
         return None
+
+
+def full_precision(like: Tensor) -> AbstractContextManager[None]:
+    """The precision rule of every method: enter it where the networks end.
+
+    The loop runs `forward` under autocast (bf16 on a GPU, `--precision`), which casts every
+    matmul, einsum and linear layer to bf16. That is right for the backbone and the projection head
+    and wrong for what follows: bf16 keeps 8 bits of mantissa, so similarities between unit vectors
+    are off by ~4e-3, and divided by tau = 0.07 and compared across 4,096-65,536 negatives they blur
+    the very differences the loss is made of. So: networks (models.py: backbones, ProjectionHead)
+    run under autocast; similarities, logits (classifier layers included), exponentials and losses
+    run inside `with full_precision(features):` on fp32 tensors (call `.float()` on what comes in).
+    tests/test_precision.py checks it for every method in METHODS: nothing outside a network
+    produces a bf16 tensor, and the loss equals the fp32 loss of the same features.
+
+    Args:
+        like: any tensor on the device in use (autocast is switched per device type).
+    """
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def backbone_or_head_embedding(backbone: nn.Module, head: nn.Module, x: Tensor, where: str) -> Tensor:

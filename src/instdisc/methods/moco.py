@@ -58,7 +58,7 @@ from instdisc import dist
 from instdisc.augment import AugmentConfig
 from instdisc.errors import ConfigError
 from instdisc.memory import ring_write_
-from instdisc.methods.base import Method, StepOutput, backbone_or_head_embedding
+from instdisc.methods.base import Method, StepOutput, backbone_or_head_embedding, full_precision
 from instdisc.models import ProjectionHead
 
 
@@ -134,7 +134,7 @@ def _split_forward(net: Callable[[Tensor], Tensor], x: Tensor, splits: int) -> T
             f"--bn-splits {splits} must divide the per-process batch size {x.shape[0]} (each group is one "
             "simulated GPU's batch)."
         )
-    return torch.cat([net(c) for c in x.chunk(splits)])
+    return torch.cat([net(c).float() for c in x.chunk(splits)])  # fp32 once out of the network
 
 
 class MoCo(Method):
@@ -177,8 +177,7 @@ class MoCo(Method):
             self._momentum_update()
             k, k_all = self._keys(x_k)  # (B, D) this rank's positives, (B_global, D) all of them
         # clone(): the queue is overwritten below, but the backward pass needs these values.
-        # Logits in fp32 even under autocast: bf16's 8-bit mantissa blurs K + 1 similarities / t.
-        with torch.autocast(q.device.type, enabled=False):
+        with full_precision(q):  # logits over K + 1 keys in fp32 (base.full_precision)
             loss = info_nce(q, k, self.queue.clone(), self.cfg.moco_t)
         self._enqueue(k_all)
         with torch.no_grad():

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from instdisc.dist import all_gather_cat
 from instdisc.errors import ConfigError
 from instdisc.memory import MemoryBank
-from instdisc.methods.base import EpochContext, Method, StepOutput
+from instdisc.methods.base import EpochContext, Method, StepOutput, full_precision
 from instdisc.models import ProjectionHead
 
 
@@ -143,9 +143,12 @@ class NPID(Method):
 
     def forward(self, views: list[Tensor], idx: Tensor) -> StepOutput:
         (x,) = views
-        f = self.head(self.backbone(x))  # (B, D)
-        # Similarities, exponentials and NCE stay in fp32 even under autocast.
-        f = F.normalize(f.float(), dim=1)  # (B, D)
+        f = self.head(self.backbone(x))  # (B, D), under the loop's autocast
+        with full_precision(f):  # similarities, exponentials and NCE in fp32 (base.full_precision)
+            return self._objective(F.normalize(f.float(), dim=1), idx)
+
+    def _objective(self, f: Tensor, idx: Tensor) -> StepOutput:
+        """The loss of unit features f (B, D) of images idx (B,) against the bank; updates the bank."""
         bank = self.memory.bank
         t, k, n = self.cfg.nce_t, self.cfg.nce_k, self.num_samples
         logs: dict[str, Tensor] = {}

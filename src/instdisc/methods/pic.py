@@ -39,7 +39,7 @@ from instdisc.augment import AugmentConfig
 from instdisc.dist import all_gather_cat, rank
 from instdisc.errors import ConfigError
 from instdisc.memory import ring_write_
-from instdisc.methods.base import EpochContext, Method, StepOutput
+from instdisc.methods.base import EpochContext, Method, StepOutput, full_precision
 from instdisc.models import ProjectionHead
 from instdisc.sparse_sgd import SampledRows, SampledRowSGD
 
@@ -123,6 +123,30 @@ def sampled_classes(batch_ids: Tensor, queue: Tensor) -> tuple[Tensor, Tensor]:
     return classes, torch.searchsorted(classes, batch_ids)
 
 
+def multicrop_cosine_loss(f: Tensor, fs: Tensor, w: Tensor, target: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """PIC's cosine soft-max loss over every crop (Cao et al. 2020, Sec. 3.1 and 4.2).
+
+    loss = mean over crops c of -log softmax_j(cos(f_c, w_j) / t)[target], where the small crops see
+    a detached classifier, so that only the large crop trains the rows (the paper's multi-crop).
+
+    Args:
+        f: (B, D) unit embeddings of the large crops.
+        fs: (S*B, D) unit embeddings of the S small crops of every image (crop-major), or (0, D).
+        w: (C, D) classifier rows (all N, or the sampled classes), any norm.
+        target: (B,) column of each image's own row in w.
+        t: temperature tau.
+    Returns:
+        The scalar mean loss over all (1 + S) * B crops, as the reference's single cross-entropy call,
+        and the large crops' logits (B, C) for logging.
+    """
+    wn = F.normalize(w, dim=1)  # (C, D): normalised once for all crops
+    logits = f @ wn.t() / t  # (B, C)
+    logits_small = fs @ wn.detach().t() / t  # (S*B, C)
+    n_small = fs.shape[0] // max(f.shape[0], 1)
+    loss = F.cross_entropy(torch.cat([logits, logits_small]), target.repeat(1 + n_small))
+    return loss, logits
+
+
 class PIC(Method):
     """Backbone -> MLP head -> cosine classifier over the N training images."""
 
@@ -165,14 +189,8 @@ class PIC(Method):
         else:
             w, target = self._sample(idx)  # (C, D), columns of the batch's ids
             logs["classes"] = torch.tensor(float(w.shape[0]))
-        # Cosine soft-max: f and fs are unit vectors already; normalise the rows once for all crops.
-        wn = F.normalize(w.float(), dim=1)  # (N or C, D)
-        logits = f @ wn.t() / self.cfg.temperature  # (B, N or C)
-        # Small crops: classifier detached, so only the large crop trains it (PIC's multi-crop).
-        logits_small = fs @ wn.detach().t() / self.cfg.temperature  # (S*B, N or C)
-        n_small = fs.shape[0] // max(f.shape[0], 1)
-        # Mean over every crop of every image, as the reference's single cross-entropy call.
-        loss = F.cross_entropy(torch.cat([logits, logits_small]), target.repeat(1 + n_small))
+        with full_precision(f):  # cosine logits and cross-entropy in fp32 (base.full_precision)
+            loss, logits = multicrop_cosine_loss(f, fs, w.float(), target, self.cfg.temperature)
         logs["acc"] = (logits.detach().argmax(1) == target).float().mean()
         return StepOutput(loss=loss, logs=logs)
 

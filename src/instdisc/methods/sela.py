@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from instdisc import dist
 from instdisc.cluster import cluster_metrics
 from instdisc.errors import ConfigError
-from instdisc.methods.base import EpochContext, Method, StepOutput
+from instdisc.methods.base import EpochContext, Method, StepOutput, full_precision
 from instdisc.sinkhorn import sinkhorn_knopp
 
 
@@ -166,10 +166,12 @@ class SeLa(Method):
 
     def forward(self, views: list[Tensor], idx: Tensor) -> StepOutput:
         (x,) = views
-        logits = self.heads(self.backbone(x)).float()  # (B, sum K_h); CE in fp32 under autocast
-        targets = self.labels[:, idx]  # (H, B)
-        losses = [F.cross_entropy(lg, targets[h]) for h, lg in enumerate(logits.split(self.sizes, dim=1))]
-        return StepOutput(loss=torch.stack(losses).mean())
+        feats = self.backbone(x)  # (B, F), under the loop's autocast
+        with full_precision(feats):  # the heads' logits and cross-entropy in fp32 (base.full_precision)
+            logits = self.heads(feats.float())  # (B, sum K_h)
+            targets = self.labels[:, idx]  # (H, B)
+            losses = [F.cross_entropy(lg, targets[h]) for h, lg in enumerate(logits.split(self.sizes, dim=1))]
+            return StepOutput(loss=torch.stack(losses).mean())
 
     @torch.no_grad()
     def embed(self, x: Tensor) -> Tensor:

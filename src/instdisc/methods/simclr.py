@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from instdisc import dist
 from instdisc.augment import AugmentConfig
 from instdisc.errors import ConfigError
-from instdisc.methods.base import Method, StepOutput, backbone_or_head_embedding
+from instdisc.methods.base import Method, StepOutput, backbone_or_head_embedding, full_precision
 from instdisc.models import ProjectionHead
 
 
@@ -158,7 +158,7 @@ class SimCLR(Method):
         z = self.head(self.backbone(torch.cat([x1, x2])))  # (2B, D)
         z = F.normalize(z.float(), dim=1)
         z1, z2 = z[:b], z[b:]  # (B, D) each
-        with torch.autocast(z.device.type, enabled=False):  # logits in fp32
+        with full_precision(z):  # logits over the 2N views in fp32 (base.full_precision)
             loss = nt_xent_global(z1, z2, self.cfg.temperature)
         with torch.no_grad():
             pos_sim = (z1 * z2).sum(1).mean()

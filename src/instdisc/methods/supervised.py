@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from instdisc.errors import ConfigError, DataError
-from instdisc.methods.base import EpochContext, Method, StepOutput
+from instdisc.methods.base import EpochContext, Method, StepOutput, full_precision
 
 
 @dataclass
@@ -105,9 +105,11 @@ class Supervised(Method):
 
     def forward(self, views: list[Tensor], idx: Tensor) -> StepOutput:
         (x,) = views
-        logits = self.classifier(self.backbone(x)).float()  # (B, C)
-        target = self.targets[idx]  # (B,)
-        loss = F.cross_entropy(logits, target)
+        feats = self.backbone(x)  # (B, F), under the loop's autocast
+        with full_precision(feats):  # logits and cross-entropy in fp32 (base.full_precision)
+            logits = self.classifier(feats.float())  # (B, C)
+            target = self.targets[idx]  # (B,)
+            loss = F.cross_entropy(logits, target)
         acc = (logits.detach().argmax(1) == target).float().mean()
         return StepOutput(loss=loss, logs={"train_acc": acc})
 
