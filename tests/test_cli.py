@@ -79,6 +79,26 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, cache):
     assert torch.equal(a["model"]["memory.bank"], b["model"]["memory.bank"])
 
 
+def test_ckpt_every_epochs_saves_every_nth_epoch_the_last_and_at_a_stop(tmp_path, cache, monkeypatch):
+    import instdisc.engine as engine
+
+    saved = []
+    real = engine.save_checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", lambda d, st: saved.append(dict(st["state"])) or real(d, st))
+    # 6 steps per epoch; 5 epochs, every 2nd: after epochs 2, 4 and the last (5).
+    assert train(tmp_path / "a", "--epochs", "5", "--ckpt-every-epochs", "2", "--knn-every", "0") == 0
+    assert [s["epoch"] for s in saved] == [2, 4, 5]
+    # A stop between two due epochs (--max-steps 20: epoch 4, step 2) still leaves the exact state.
+    saved.clear()
+    assert train(tmp_path / "b", "--epochs", "5", "--ckpt-every-epochs", "3", "--max-steps", "20", "--knn-every", "0") == 0
+    assert [(s["epoch"], s["step"]) for s in saved] == [(3, 18), (3, 20)]
+    assert train(tmp_path / "b", "--epochs", "5", "--resume") == 0
+    assert train(tmp_path / "c", "--epochs", "5", "--knn-every", "0") == 0
+    a = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
+    c = torch.load(tmp_path / "c" / "checkpoints" / "last.pt", weights_only=True)
+    assert a["state"] == c["state"] and all(torch.equal(a["model"][k], c["model"][k]) for k in c["model"])
+
+
 def test_refuses_to_overwrite_and_rejects_changed_flags_on_resume(tmp_path, cache, capsys):
     run = tmp_path / "run"
     assert train(run, "--epochs", "1") == 0

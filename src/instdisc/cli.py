@@ -109,7 +109,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         stored = TrainConfig.from_dict(load_checkpoint(cfg.run.out)["config"])
         invocation = {"run.device", "run.progress", "run.max_steps", "data.workers", "data.cache_dir", "run.out",
                       "run.dist_timeout"}
-        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.ckpt_every_steps", "run.skip_nonfinite",
+        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.ckpt_every_steps", "run.ckpt_every_epochs", "run.skip_nonfinite",
                       "run.time_limit", "optim.optimizer_impl", "data.in_memory"}
         current, saved = cfg.to_dict(), stored.to_dict()
         if cfg.run.method != stored.run.method:  # the other method's own flags are not comparable

@@ -611,9 +611,13 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
             where = f"epoch {state.epoch}/{o.epochs}" if whole else \
                 f"epoch {state.epoch + 1}/{o.epochs} (stopped after step {state.epoch_step}/{spe})"
             dist.print0(f"{where} loss {stats['loss']:.4f}{knn} ({stats['img_per_s']:.0f} img/s, {stats['time_s']:.1f}s)")
-            save()
+            due = not whole or last or state.epoch % r.ckpt_every_epochs == 0
+            if due:
+                save()
             # clock.check also sees a signal that came during the evaluation: then not one more epoch.
             stop = bool(r.max_steps and state.step >= r.max_steps) or clock.check(env.device)
+            if stop and not due:  # a stop always leaves a checkpoint of the exact state
+                save()
     if test is not None and state.epoch >= o.epochs:
         # Final number as the paper reports it: train features recomputed with the eval transform.
         final = evaluate_knn(method, train, test, cfg, env, use_bank=False)
