@@ -5,6 +5,7 @@
   instdisc knn|linear|lowshot RUN_DIR_OR_CHECKPOINT | --train FILE.npy --test FILE.npy
   instdisc stages|neighbors|map RUN_DIR_OR_CHECKPOINT     (also released weights: instdisc weights FILE)
   instdisc report RUN_DIR
+  instdisc export RUN_DIR_OR_WEIGHTS --format torchvision|timm|detectron2|safetensors|onnx|torch-export --out FILE
   instdisc clusters RUN_DIR                               (SeLa: pseudo-label metrics, files, grid)
   instdisc data check PATH
   instdisc demo
@@ -323,6 +324,19 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from instdisc.export import card_path, export_model
+
+    card = export_model(args.run, args.format, args.out, part=args.part, layout=args.layout)
+    print(f"wrote {args.out} ({card['format']}, {card['arch']} {card['part']}, {card['feature_dim']}-d output)")
+    if "check" in card:
+        print(f"  {card['check']['runtime']} vs instdisc: max |difference| {card['check']['max_abs_diff']:.1e}")
+    for n in card["notes"]:
+        print(f"  note: {n}")
+    print(f"wrote {card_path(args.out, '.json')} and {card_path(args.out, '.md')}")
+    return 0
+
+
 def cmd_clusters(args: argparse.Namespace) -> int:
     from instdisc.cluster import run_clusters
 
@@ -474,6 +488,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("path", help="checkpoint file")
     w.add_argument("--layout", default=None, help="force a layout (default: detected)")
     w.set_defaults(func=cmd_weights)
+
+    ex = sub.add_parser("export", help="write a run's (or released weights') backbone for torchvision, timm, "
+                        "detectron2, safetensors, ONNX or torch.export, with a model card",
+                        description="Writes FILE in the chosen format and FILE.card.json + FILE.card.md (method, "
+                                    "architecture and stem, input size and mean/std, feature dimension, training "
+                                    "data and epochs, the run's evaluation results). See docs/export.md.")
+    ex.add_argument("run", help="run directory, checkpoint, or released weights (see `instdisc weights`)")
+    ex.add_argument("--format", required=True, choices=["torchvision", "timm", "detectron2", "safetensors", "onnx",
+                                                        "torch-export"])
+    ex.add_argument("--out", required=True, help="output file (.pth, .pkl, .safetensors, .onnx, .pt2)")
+    ex.add_argument("--part", choices=["backbone", "backbone+head"], default="backbone",
+                    help="pooled backbone features, or the projection head's output (default backbone)")
+    ex.add_argument("--layout", default=None, help="layout of released weights (default: detected)")
+    ex.set_defaults(func=cmd_export)
 
     cl = sub.add_parser("clusters", help="a SeLa run's pseudo-labels: NMI/ARI/purity/accuracy, .npy per head, PNG grid",
                         description="Reads the run's last checkpoint; writes RUN_DIR/pseudo_labels/head{h}.npy "
