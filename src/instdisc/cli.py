@@ -194,7 +194,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     feats, images = _embed(method, cfg, dev, data, args.split, args.batch_size, args.cache_dir or cfg.data.cache_dir)
     meta = {"source": data, "split": args.split, "checkpoint": str(args.run), "method": cfg.run.method,
             "classes": images.classes}
-    for p in save_features(args.out, feats, images.labels, meta):
+    for p in save_features(args.out, feats, images.labels, meta, paths=images.paths()):
         print(f"wrote {p}")
     return 0
 
@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("embed", help="export index-ordered features of a data split to FILE.npy",
                        description="Writes FILE.npy (N x D float32, row i = dataset index i), FILE.labels.npy "
-                                   "(N int64, if the source has labels) and FILE.meta.json.")
+                                   "(N int64, if the source has labels), FILE.paths.txt (row i's image file, if "
+                                   "the source has files) and FILE.meta.json.")
     e.add_argument("run", help="run directory or checkpoint file")
     e.add_argument("--data", help=f"source to embed (default: the run's training source): {SOURCES_HELP}")
     e.add_argument("--split", choices=["train", "test"], default="test")

@@ -524,8 +524,11 @@ def export_model(path: str | Path, fmt: str, out: str | Path, *, part: str = "ba
 
         _atomic(out, write_pickle)
         depth = {"resnet18": 18, "resnet34": 34, "resnet50": 50}[arch]
-        notes.append(f"detectron2: MODEL.WEIGHTS=this file, MODEL.RESNETS.DEPTH={depth}, INPUT.FORMAT=RGB, "
-                     "MODEL.PIXEL_MEAN / PIXEL_STD = the input mean / std times 255")
+        pix_mean = [round(255 * m, 3) for m in subject.mean]
+        pix_std = [round(255 * v, 3) for v in subject.std]
+        res2 = " MODEL.RESNETS.RES2_OUT_CHANNELS=64" if depth < 50 else ""
+        notes.append(f"detectron2 config: MODEL.WEIGHTS=this file MODEL.RESNETS.DEPTH={depth}{res2} INPUT.FORMAT=RGB "
+                     f"MODEL.PIXEL_MEAN={pix_mean} MODEL.PIXEL_STD={pix_std}")
     elif fmt == "onnx":
         key_layout = "onnx graph"
         extra = _write_onnx(net, subject.size, out)
