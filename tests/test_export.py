@@ -259,6 +259,7 @@ def test_model_card_has_the_runs_evaluation(run, tmp_path):
     card = json.loads((tmp_path / "m.safetensors.card.json").read_text())
     cfg = json.loads((run / "config.json").read_text())
     assert card["training"]["data"] == "synthetic:96" and card["training"]["epochs"] == cfg["optim"]["epochs"] == 1
+    assert card["training"]["epochs_completed"] == 1 and card["training"]["steps"] == 3  # 96 images, batch 32
     assert card["arch"] == "resnet18" and card["width"] == 8 and card["stem"] == "cifar"
     assert card["input"]["std"] == pytest.approx(cfg["aug"]["std"]) and card["feature_dim"] == 64
     knn = json.loads((run / "eval" / "knn.json").read_text())

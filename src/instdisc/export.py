@@ -274,11 +274,16 @@ def _write_torch_export(net: ExportNet, size: int, out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _training_epochs(run_dir: Path) -> int | None:
+def _training_progress(run_dir: Path) -> tuple[int | None, int | None]:
+    """(whole epochs completed, optimiser steps) from metrics.jsonl; None where it has no record."""
     from instdisc.report import read_metrics
 
-    epochs = [r["epoch"] for r in read_metrics(run_dir) if r.get("type") == "epoch" and isinstance(r.get("epoch"), int)]
-    return max(epochs) if epochs else None
+    records = read_metrics(run_dir)
+    if not records:
+        return None, None
+    epochs = [r["epoch"] for r in records if r.get("type") == "epoch" and isinstance(r.get("epoch"), int)]
+    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    return (max(epochs) if epochs else 0), (max(steps) if steps else None)
 
 
 def _evaluation(run_dir: Path | None) -> list[dict[str, Any]]:
@@ -324,9 +329,9 @@ def _card(subject: Any, *, fmt: str, part: str, out: Path, feat_dim: int, key_la
     else:
         method = cfg["run"]["method"]
         arch, width, cifar_stem = cfg["model"]["arch"], cfg["model"]["width"], cfg["model"]["cifar_stem"]
-        training = {"data": cfg["data"]["data"], "epochs": cfg["optim"]["epochs"],
-                    "epochs_completed": _training_epochs(subject.run_dir) if subject.run_dir else None,
-                    "batch_size": cfg["optim"]["batch_size"], "config": "config.json of the run"}
+        done, steps = _training_progress(subject.run_dir) if subject.run_dir else (None, None)
+        training = {"data": cfg["data"]["data"], "epochs": cfg["optim"]["epochs"], "epochs_completed": done,
+                    "steps": steps, "batch_size": cfg["optim"]["batch_size"], "config": "config.json of the run"}
     stem = ("CIFAR (3x3 stride-1 convolution, no max-pool)" if cifar_stem else
             "ImageNet (7x7 stride-2 convolution + 3x3 stride-2 max-pool)")
     if arch == "alexnet":
@@ -369,8 +374,9 @@ def _card_markdown(card: dict[str, Any]) -> str:
         f"- architecture: {card['arch']}, width {card['width']}, {card['stem_detail']} stem",
         f"- input: {inp['size']}x{inp['size']} RGB, mean {inp['mean']}, std {inp['std']} ({inp['transform']})",
         f"- output: {card['feature_dim']}-d {card['output']}",
-        "- training: " + (t.get("source") or f"data {t['data']}, {t['epochs']} epochs"
-                          + (f" ({t['epochs_completed']} completed)" if t.get("epochs_completed") is not None else "")
+        "- training: " + (t.get("source") or f"data {t['data']}, {t['epochs']} epochs configured"
+                          + (f", {t['epochs_completed']} completed" if t.get("epochs_completed") is not None else "")
+                          + (f" ({t['steps']} steps)" if t.get("steps") is not None else "")
                           + f", batch {t['batch_size']}"),
     ]
     if "check" in card:
@@ -529,6 +535,9 @@ def export_model(path: str | Path, fmt: str, out: str | Path, *, part: str = "ba
         res2 = " MODEL.RESNETS.RES2_OUT_CHANNELS=64" if depth < 50 else ""
         notes.append(f"detectron2 config: MODEL.WEIGHTS=this file MODEL.RESNETS.DEPTH={depth}{res2} INPUT.FORMAT=RGB "
                      f"MODEL.PIXEL_MEAN={pix_mean} MODEL.PIXEL_STD={pix_std}")
+        if width != 64:
+            notes.append(f"width {width}: detectron2 builds its ResNets at width 64 (STEM_OUT_CHANNELS 64; "
+                         "RES2_OUT_CHANNELS 64 for R18/R34, 256 for R50), which this backbone does not fit")
     elif fmt == "onnx":
         key_layout = "onnx graph"
         extra = _write_onnx(net, subject.size, out)
