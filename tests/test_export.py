@@ -133,6 +133,27 @@ def test_backbone_plus_linear_head_is_torchvisions_fc(run, tmp_path):
     assert sd["fc.weight"].shape == (128, 64) and (ref - ours).abs().max() <= 1e-5
 
 
+def test_released_pic_mlp_head_becomes_a_sequential_fc(tmp_path):
+    trunk = resnet_sd(**R50, width=8, seed=7)
+    enc = linear(linear(dict(trunk), "fc1.", 256, 256, seed=2), "fc2.", 32, 256, seed=3)
+    path = tmp_path / "current.pth"
+    torch.save({"model": {**prefixed(enc, "module.encoder."), "module.sim_matrix": torch.randn(10, 32)},
+                "epoch": 400}, path)
+    out = tmp_path / "pic.pth"
+    assert main(["export", str(path), "--format", "torchvision", "--part", "backbone+head", "--out", str(out)]) == 0
+    sd = torch.load(out, weights_only=True)
+    assert {k for k in sd if k.startswith("fc.")} == {"fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias"}
+    x = images(2, 64, seed=4)
+    f = ref_resnet(sd, x, **R50)
+    z = torch.relu(f @ enc["fc1.weight"].t() + enc["fc1.bias"]) @ enc["fc2.weight"].t() + enc["fc2.bias"]
+    subject = load_subject(path, device="cpu")
+    with torch.no_grad():
+        ours = subject.module.head(subject.backbone(x))
+    assert (z - ours).abs().max() <= 1e-5 * max(1.0, float(z.abs().max()))
+    card = json.loads((tmp_path / "pic.pth.card.json").read_text())
+    assert card["method"] == "pic" and card["feature_dim"] == 32 and any("MLP" in n for n in card["notes"])
+
+
 def test_safetensors_holds_the_torchvision_tensors_and_the_stem_change(run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
