@@ -437,7 +437,6 @@ def export_model(path: str | Path, fmt: str, out: str | Path, *, part: str = "ba
         UserError: unknown format or part, an architecture the format cannot hold, a method
             without a projection head for ``backbone+head``, an unreadable run or file.
     """
-    from instdisc.errors import CheckpointError
     from instdisc.evaluate import load_subject
     from instdisc.models import ResNet
 
@@ -446,10 +445,7 @@ def export_model(path: str | Path, fmt: str, out: str | Path, *, part: str = "ba
     if part not in PARTS:
         raise UserError(f"--part {part!r} is not one of {', '.join(PARTS)}.")
     out = Path(out)
-    try:
-        subject = load_subject(path, device="cpu", layout=layout)
-    except CheckpointError as e:
-        raise UserError(f"{path}: {e}") from None
+    subject = load_subject(path, device="cpu", layout=layout)  # CheckpointError names the file
     bb = subject.backbone.float().eval()
     head = _head_of(subject.module) if part == "backbone+head" else None
     if part == "backbone+head" and head is None:
@@ -491,7 +487,7 @@ def export_model(path: str | Path, fmt: str, out: str | Path, *, part: str = "ba
         sd = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone() for k, v in named.items()}
         notes.append(f"instdisc's own module names: instdisc.models.build_backbone('{arch}', width={width}, "
                      f"cifar_stem={cifar_stem})[0].load_state_dict(sd) loads it")
-    if cifar_stem and fmt in ("detectron2",):
+    if cifar_stem and fmt == "detectron2":
         notes.append("CIFAR stem: detectron2's BasicStem is a 7x7 stride-2 convolution + max-pool; loading this "
                       "stem.conv1 (3x3) needs a custom stem (3x3 stride 1, no max-pool)")
         warnings.warn(f"{subject.name} has the CIFAR stem: detectron2's standard stem cannot hold it "
