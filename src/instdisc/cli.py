@@ -5,6 +5,7 @@
   instdisc knn|linear|lowshot RUN_DIR_OR_CHECKPOINT | --train FILE.npy --test FILE.npy
   instdisc stages|neighbors|map RUN_DIR_OR_CHECKPOINT     (also released weights: instdisc weights FILE)
   instdisc report RUN_DIR
+  instdisc export RUN_DIR_OR_WEIGHTS --format torchvision|timm|detectron2|safetensors|onnx|torch-export --out FILE
   instdisc clusters RUN_DIR                               (SeLa: pseudo-label metrics, files, grid)
   instdisc data check PATH
   instdisc demo
@@ -193,7 +194,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     feats, images = _embed(method, cfg, dev, data, args.split, args.batch_size, args.cache_dir or cfg.data.cache_dir)
     meta = {"source": data, "split": args.split, "checkpoint": str(args.run), "method": cfg.run.method,
             "classes": images.classes}
-    for p in save_features(args.out, feats, images.labels, meta):
+    for p in save_features(args.out, feats, images.labels, meta, paths=images.paths()):
         print(f"wrote {p}")
     return 0
 
@@ -323,6 +324,19 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from instdisc.export import card_path, export_model
+
+    card = export_model(args.run, args.format, args.out, part=args.part, layout=args.layout)
+    print(f"wrote {args.out} ({card['format']}, {card['arch']} {card['part']}, {card['feature_dim']}-d output)")
+    if "check" in card:
+        print(f"  {card['check']['runtime']} vs instdisc: max |difference| {card['check']['max_abs_diff']:.1e}")
+    for n in card["notes"]:
+        print(f"  note: {n}")
+    print(f"wrote {card_path(args.out, '.json')} and {card_path(args.out, '.md')}")
+    return 0
+
+
 def cmd_clusters(args: argparse.Namespace) -> int:
     from instdisc.cluster import run_clusters
 
@@ -360,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("embed", help="export index-ordered features of a data split to FILE.npy",
                        description="Writes FILE.npy (N x D float32, row i = dataset index i), FILE.labels.npy "
-                                   "(N int64, if the source has labels) and FILE.meta.json.")
+                                   "(N int64, if the source has labels), FILE.paths.txt (row i's image file, if "
+                                   "the source has files) and FILE.meta.json.")
     e.add_argument("run", help="run directory or checkpoint file")
     e.add_argument("--data", help=f"source to embed (default: the run's training source): {SOURCES_HELP}")
     e.add_argument("--split", choices=["train", "test"], default="test")
@@ -474,6 +489,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("path", help="checkpoint file")
     w.add_argument("--layout", default=None, help="force a layout (default: detected)")
     w.set_defaults(func=cmd_weights)
+
+    ex = sub.add_parser("export", help="write a run's (or released weights') backbone for torchvision, timm, "
+                        "detectron2, safetensors, ONNX or torch.export, with a model card",
+                        description="Writes FILE in the chosen format and FILE.card.json + FILE.card.md (method, "
+                                    "architecture and stem, input size and mean/std, feature dimension, training "
+                                    "data and epochs, the run's evaluation results). See docs/export.md.")
+    ex.add_argument("run", help="run directory, checkpoint, or released weights (see `instdisc weights`)")
+    ex.add_argument("--format", required=True, choices=["torchvision", "timm", "detectron2", "safetensors", "onnx",
+                                                        "torch-export"])
+    ex.add_argument("--out", required=True, help="output file (.pth, .pkl, .safetensors, .onnx, .pt2)")
+    ex.add_argument("--part", choices=["backbone", "backbone+head"], default="backbone",
+                    help="pooled backbone features, or the projection head's output (default backbone)")
+    ex.add_argument("--layout", default=None, help="layout of released weights (default: detected)")
+    ex.set_defaults(func=cmd_export)
 
     cl = sub.add_parser("clusters", help="a SeLa run's pseudo-labels: NMI/ARI/purity/accuracy, .npy per head, PNG grid",
                         description="Reads the run's last checkpoint; writes RUN_DIR/pseudo_labels/head{h}.npy "

@@ -4,6 +4,7 @@ Export layout (other tools script against these names):
   FILE.npy          (N, D) float32, row i = dataset index i
   FILE.labels.npy   (N,) int64, where the source has labels
   FILE.meta.json    source, split, checkpoint, method, dims
+  FILE.paths.txt    row i's image file (one per line), where the source has files
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from instdisc import dist
 from instdisc.augment import CIFAR_MEAN, CIFAR_STD, preprocess
+from instdisc.checkpoint import atomic_write_text
 from instdisc.errors import UserError
 from instdisc.loader import eval_batches
 from instdisc.progress import Progress
@@ -67,8 +69,15 @@ def extract_features(
     return gathered[:n]
 
 
-def save_features(path: str | Path, feats: Tensor, labels: np.ndarray | None, meta: dict[str, Any]) -> list[Path]:
-    """Write FILE.npy (+ FILE.labels.npy, FILE.meta.json) atomically; returns the paths written."""
+def save_features(
+    path: str | Path,
+    feats: Tensor,
+    labels: np.ndarray | None,
+    meta: dict[str, Any],
+    paths: Sequence[str] | None = None,
+) -> list[Path]:
+    """Write FILE.npy (+ FILE.labels.npy, FILE.paths.txt, FILE.meta.json) atomically; returns the
+    paths written. ``paths``: the source file of each row (`ImageSet.paths`), one line each."""
     path = Path(path)
     if path.suffix != ".npy":
         path = path.with_name(path.name + ".npy")
@@ -95,6 +104,14 @@ def save_features(path: str | Path, feats: Tensor, labels: np.ndarray | None, me
     _atomic_npy(path, feats.detach().cpu().numpy().astype(np.float32))
     if labels is not None:
         _atomic_npy(Path(f"{stem}.labels.npy"), np.asarray(labels, dtype=np.int64))
+    if paths is not None:
+        if len(paths) != feats.shape[0] or any("\n" in p for p in paths):
+            raise UserError(f"cannot write {stem}.paths.txt: {len(paths)} names for {feats.shape[0]} rows, "
+                            "or a name with a line break.")
+        paths_path = Path(f"{stem}.paths.txt")
+        atomic_write_text(paths_path, "".join(f"{p}\n" for p in paths))
+        written.append(paths_path)
+        meta = {**meta, "paths": paths_path.name}
     meta_path = Path(f"{stem}.meta.json")
     meta_path.write_text(json.dumps({**meta, "shape": list(feats.shape)}, indent=2))
     written.append(meta_path)

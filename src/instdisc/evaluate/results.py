@@ -5,16 +5,33 @@ reads back (`load_results`); `format_table` prints rows for the command line.
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 
+def _command() -> str | None:
+    """This process's command line when it is the `instdisc` program (model cards cite it)."""
+    prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if prog is not None and (prog.name == "instdisc" or (prog.name == "__main__.py" and prog.parent.name == "instdisc")):
+        return shlex.join(["instdisc", *sys.argv[1:]])
+    return None
+
+
 def save_result(save_dir: Path | None, name: str, payload: dict[str, Any]) -> Path | None:
-    """Write save_dir/NAME.json (the report reads these); no-op without a directory."""
+    """Write save_dir/NAME.json (the report reads these); no-op without a directory.
+
+    The file also records the command that produced it (``"command"``) when it runs as the
+    `instdisc` program; called from Python, there is no command to record.
+    """
     if save_dir is None:
         return None
+    command = _command()
+    if command is not None and "command" not in payload:
+        payload = {**payload, "command": command}
     save_dir.mkdir(parents=True, exist_ok=True)
     path = save_dir / f"{name}.json"
     tmp = path.with_name(f".{path.name}.tmp")

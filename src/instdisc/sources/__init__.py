@@ -390,8 +390,10 @@ def _materialise(
     images, extra = _decode_to_array(
         tree, sel, image_size, progress=progress, desc=f"decode {Path(name).name} [{split}]"
     )
+    # "files": each row's member name in the source, so exported features can name their images.
     return _save_arrays(
-        cache, key, images, sel.labels, sel.classes, name=name, split=split, meta={**meta, **extra}
+        cache, key, images, sel.labels, sel.classes, name=name, split=split,
+        meta={**meta, **extra, "files": list(sel.names)},
     )
 
 

@@ -82,6 +82,17 @@ class ImageSet:
         """Image of dataset index ``i`` as an ``(H, W, 3)`` uint8 RGB array."""
         raise NotImplementedError
 
+    def paths(self) -> list[str] | None:
+        """Where each row comes from, in index order, or None for sources without files (digits,
+        synthetic, CIFAR batches; folders decoded by an instdisc older than this record).
+
+        Decoded folders and archives give the member names relative to the source.
+        """
+        files = self.meta.get("files")
+        if isinstance(files, list) and len(files) == len(self) and all(isinstance(f, str) for f in files):
+            return list(files)
+        return None
+
     def _check_index(self, i: int) -> int:
         i = operator.index(i)
         n = len(self)
@@ -190,6 +201,10 @@ class FileImageSet(ImageSet):
     def path(self, i: int) -> str:
         """Where image ``i`` comes from (a file path, or ``archive:member``)."""
         return self.items.display(self._check_index(i))
+
+    def paths(self) -> list[str]:
+        """`path` of every row, in index order."""
+        return [self.items.display(i) for i in range(len(self))]
 
     def read(self, i: int) -> np.ndarray:
         """Decode image ``i`` -> ``(image_size, image_size, 3)`` uint8 RGB.
