@@ -170,6 +170,7 @@ def test_safetensors_holds_the_torchvision_tensors_and_the_stem_change(run, tmp_
     assert any("maxpool = nn.Identity()" in n for n in json.loads(meta["notes"]))
 
 
+@pytest.mark.torchvision
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not importable here (CPU torch build); runs where it is")
 def test_strict_load_into_torchvision(imagenet_weights, tmp_path):
     import torchvision
@@ -199,6 +200,7 @@ def test_strict_load_into_torchvision(imagenet_weights, tmp_path):
         assert (m.eval()(x) - load_subject(cifar, device="cpu").backbone(x)).abs().max() <= 1e-5
 
 
+@pytest.mark.torchvision
 @pytest.mark.skipif(not HAS_TIMM, reason="timm is not importable here (CPU torch build); runs where it is")
 def test_strict_load_into_timm(imagenet_weights, tmp_path):
     import timm
