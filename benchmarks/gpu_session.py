@@ -88,13 +88,20 @@ def _metrics(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def smoke_argv(name: str, data: str, run: str, steps: int, device: str, precision: str, extra: list[str]) -> list[str]:
+    """The `instdisc train` arguments of one smoke run."""
+    return ["train", *SMOKES[name], "--data", data, "--out", run, "--overwrite", "--epochs", "1",
+            "--max-steps", str(steps), "--knn-every", "0", "--device", device, "--precision", precision,
+            "--no-progress", *extra]
+
+
 def part_methods(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
-    for name, flags in SMOKES.items():
+    names = args.only.split(",") if args.only else list(SMOKES)
+    for name in names:
         run = Path(args.runs) / f"smoke_{name}"
-        cmd = [sys.executable, "-m", "instdisc", "train", *flags, "--data", args.data, "--out", str(run),
-               "--overwrite", "--epochs", "1", "--max-steps", str(args.steps), "--knn-every", "0",
-               "--device", args.device, "--precision", args.precision, "--no-progress", *args.extra]
+        cmd = [sys.executable, "-m", "instdisc",
+               *smoke_argv(name, args.data, str(run), args.steps, args.device, args.precision, args.extra)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -201,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--runs", default="runs")
+    p.add_argument("--only", default="", help="comma-separated subset of the smokes (the CPU rehearsal)")
     p.add_argument("--logs", required=True, help="folder for one log per method")
     p.add_argument("--json", required=True)
     p.add_argument("extra", nargs="*", help="more `instdisc train` flags for every method (after --)")

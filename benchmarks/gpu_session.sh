@@ -39,6 +39,7 @@ KNN_EVERY=${KNN_EVERY:-20}
 CKPT_EVERY_EPOCHS=${CKPT_EVERY_EPOCHS:-10}  # a 120-MB checkpoint per 2-s epoch would cost ~15% of the run
 MIN_LIMIT_S=${MIN_LIMIT_S:-30}
 TESTS=${TESTS:-tests}
+SMOKE_ONLY=${SMOKE_ONLY:-}             # comma-separated subset of the smokes (default: all)
 SMOKE_EXTRA=${SMOKE_EXTRA:-}           # more train flags for part (c) (the rehearsal shrinks the nets)
 PROBE_EXTRA=${PROBE_EXTRA:-}           # more loader_throughput.py flags for the probes
 RUN_EXTRA=${RUN_EXTRA:-}               # more train flags for part (d)
@@ -70,7 +71,7 @@ EOF
 
   note "(c) every method for $SMOKE_STEPS steps"
   $PY benchmarks/gpu_session.py methods --data "$DATA" --device "$DEVICE" --precision "$PRECISION" \
-    --steps "$SMOKE_STEPS" --runs "$RUNS" --logs "$OUT" --json "$OUT/c_methods.json" -- $SMOKE_EXTRA \
+    --steps "$SMOKE_STEPS" --runs "$RUNS" --only "$SMOKE_ONLY" --logs "$OUT" --json "$OUT/c_methods.json" -- $SMOKE_EXTRA \
     >"$OUT/c_methods.log" 2>&1 || note "(c) some method failed: see c_methods.json"
 
   note "(d) throughput probes: batch $PROBE_BATCHES"

@@ -29,6 +29,19 @@ def test_the_smoke_list_covers_every_method():
     assert {_method_of(f) for f in gpu_session.SMOKES.values()} == set(METHODS)
 
 
+def test_every_smoke_command_parses_and_resolves(tmp_path):
+    """What the rehearsal does not run (it trains two of the smokes) is at least a valid command."""
+    from instdisc.cli import _pre_parse, _train_parser
+    from instdisc.config import load_preset, resolve
+
+    for name in gpu_session.SMOKES:
+        argv = gpu_session.smoke_argv(name, "synthetic:64", str(tmp_path / name), 30, "cuda", "bf16", [])[1:]
+        method, config = _pre_parse(argv)
+        args = _train_parser(method).parse_args(argv)
+        cfg = resolve(load_preset(config) if config else {}, {k: v for k, v in vars(args).items() if "." in k}, method)
+        assert cfg.run.method == method and cfg.run.max_steps == 30 and cfg.run.device == "cuda", name
+
+
 def test_plan_keeps_the_recipe_batch_unless_a_larger_one_pays_and_compresses_what_cannot_fit():
     assert gpu_session.choose_batch({128: 10_000, 256: 10_800, 512: 11_000}) == 128
     assert gpu_session.choose_batch({128: 10_000, 256: 16_000, 512: 17_000}) == 256
@@ -42,8 +55,8 @@ def test_gpu_session_rehearsed_on_cpu(tmp_path):
     env = {
         **os.environ, "OUT": str(out), "RUNS": str(runs), "PY": sys.executable, "OMP_WAIT_POLICY": "PASSIVE",
         "DEVICE": "cpu", "DATA": "synthetic:5200",  # > PIC's 5,000-image window, NPID's 4,096 negatives
-        "TESTS": "tests/test_gpu_path.py", "SMOKE_STEPS": "2", "SMOKE_EXTRA": "--width 4 --batch-size 16",
-        "PROBE_BATCHES": "32 64", "PROBE_STEPS": "2", "PROBE_EXTRA": "--width 4", "WORKERS": "1",
+        "TESTS": "tests/test_gpu_path.py", "SMOKE_STEPS": "2", "SMOKE_ONLY": "npid,pic-sampled-host-rows", "SMOKE_EXTRA": "--width 4 --batch-size 16",
+        "PROBE_BATCHES": "32", "PROBE_STEPS": "2", "PROBE_EXTRA": "--width 4", "WORKERS": "1",
         "COMPILE": "", "OPT_IMPL": "auto", "BUDGET_S": "600", "COMPILE_S": "0", "MARGIN_S": "5",
         "RESUME_TRAIN_S": "60", "MAX_EPOCHS": "2", "RUN_EXTRA": "--width 4 --max-steps 30",
     }
@@ -57,7 +70,8 @@ def test_gpu_session_rehearsed_on_cpu(tmp_path):
     smoke = parts["c_methods"]
     assert smoke["all_ok"], {k: v for k, v in smoke["methods"].items() if not v["ok"]}
     plan = parts["plan"]
-    assert plan["batch_size"] in (32, 64) and plan["epochs"] >= 1 and plan["epochs"] <= 2
+    assert set(smoke["methods"]) == {"npid", "pic-sampled-host-rows"}
+    assert plan["batch_size"] == 32 and plan["epochs"] >= 1 and plan["epochs"] <= 2
     first, final = parts["d_npid"], parts["e_npid_final"]
     assert first["complete"] is False and first["step"] == 30  # the first link stopped early ...
     assert final["complete"] is True and final["epochs_done"] == plan["epochs"]  # ... the second finished
