@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import sys
 import warnings
@@ -28,11 +29,41 @@ SOURCES_HELP = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose refusals are one line, like our other errors (no usage block:
+    for `train` it would be forty lines above the one that matters)."""
+
+    def error(self, message: str):  # noqa: ANN201 - argparse's signature
+        self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
+
+
+def _number(text: str, *, low: float, low_ok: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if value < low or (value == low and not low_ok):
+        raise argparse.ArgumentTypeError(f"must be {'>=' if low_ok else '>'} {low:g}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rates, temperatures, C)."""
+    return _number(text, low=0.0, low_ok=False)
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (weight decay)."""
+    return _number(text, low=0.0, low_ok=True)
+
+
 def _pre_parse(argv: Sequence[str]) -> tuple[str, str | None]:
     """The method decides which flags exist, and may come from the config file: find it first."""
     from instdisc.config import load_preset
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("--method", dest="run.method", default=None)
     pre.add_argument("--config", default=None)
     ns, _ = pre.parse_known_args(argv)
@@ -46,7 +77,7 @@ def _train_parser(method: str) -> argparse.ArgumentParser:
     from instdisc.config import add_train_arguments
     from instdisc.methods import METHODS
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="instdisc train",
         description=(
             f"Train a self-supervised model. Flags shown are those of --method {method}; "
@@ -158,6 +189,7 @@ def _load_run(path: str, device: str):
     from instdisc.config import TrainConfig
     from instdisc.engine import build_method
     from instdisc.errors import CheckpointError
+    from instdisc.evaluate.subject import require_finite_weights
 
     ck = load_checkpoint(path)
     cfg = TrainConfig.from_dict(ck["config"])
@@ -166,6 +198,7 @@ def _load_run(path: str, device: str):
         method.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path!r} does not match its own config: {str(e).splitlines()[0]}") from None
+    require_finite_weights(method, repr(str(path)))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -351,7 +384,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="instdisc",
         description="Self-supervised visual features by instance discrimination (NPID), and their evaluation.",
     )
@@ -394,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of the last k and t alone, for scripts.")
     features_args(k, kind="embedding")
     k.add_argument("-k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (default 10 20 100 200)")
-    k.add_argument("-t", type=float, nargs="+", default=[0.07], help="temperatures of the weights (default 0.07)")
+    k.add_argument("-t", type=positive_float, nargs="+", default=[0.07], help="temperatures of the weights (default 0.07)")
     k.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto",
                    help="neighbour search; auto = faiss (if installed) for banks of 2,000,000+ rows")
     k.set_defaults(func=cmd_knn)
@@ -408,10 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     features_args(li, kind="backbone")
     li.add_argument("--norm", choices=["bn", "l2", "none"], default="bn",
                     help="input normalisation: bn = standardise with training statistics, l2 = unit rows (default bn)")
-    li.add_argument("--lr", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0], help="learning rate(s) to choose from")
+    li.add_argument("--lr", type=positive_float, nargs="+", default=[0.001, 0.01, 0.1, 1.0], help="learning rate(s) to choose from")
     li.add_argument("--epochs", type=int, default=100)
     li.add_argument("--probe-batch-size", type=int, default=256)
-    li.add_argument("--weight-decay", type=float, default=0.0)
+    li.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     li.add_argument("--augmented", action="store_true", help="train on augmented images through the backbone")
     li.set_defaults(func=cmd_linear)
 
@@ -422,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96])
     lo.add_argument("--draws", type=int, default=5)
     lo.add_argument("--classifier", choices=["svm", "logreg"], default="svm")
-    lo.add_argument("-C", type=float, default=1.0, help="inverse regularisation of the classifier (default 1)")
+    lo.add_argument("-C", type=positive_float, default=1.0, help="inverse regularisation of the classifier (default 1)")
     lo.add_argument("--norm", choices=["l2", "bn", "none"], default="l2")
     lo.set_defaults(func=cmd_lowshot)
 
@@ -430,9 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     features_args(st, files=False)
     st.add_argument("--epochs", type=int, default=100)
     st.add_argument("--norm", choices=["bn", "l2", "none"], default="bn")
-    st.add_argument("--lr", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
+    st.add_argument("--lr", type=positive_float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
     st.add_argument("--knn-k", type=int, default=200)
-    st.add_argument("--knn-t", type=float, default=0.07)
+    st.add_argument("--knn-t", type=positive_float, default=0.07)
     st.set_defaults(func=cmd_stages)
 
     nb = sub.add_parser("neighbors", help="PNG grid: test queries and their nearest training images",

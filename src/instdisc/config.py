@@ -160,7 +160,7 @@ class TrainConfig:
 
         out = cls()
         for name, dc in SECTIONS.items():
-            setattr(out, name, _build(dc, d.get(name, {})))
+            setattr(out, name, _build(dc, d.get(name, {}), prefix=PREFIX.get(name, "")))
         mcls = METHODS.get(out.run.method)
         if mcls is None:
             raise ConfigError(f"unknown method {out.run.method!r}; known: {', '.join(METHODS)}")
@@ -176,12 +176,12 @@ def _to_plain(x: Any) -> Any:
     return x
 
 
-def _build(dc: type, values: dict[str, Any]) -> Any:
+def _build(dc: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(dc)
     kwargs = {}
     for f in fields(dc):
         if f.name in values:
-            kwargs[f.name] = _coerce(values[f.name], hints[f.name], f.name)
+            kwargs[f.name] = _coerce(values[f.name], hints[f.name], "--" + (prefix + f.name).replace("_", "-"))
     unknown = set(values) - {f.name for f in fields(dc)}
     if unknown:
         raise ConfigError(f"unknown keys for {dc.__name__}: {sorted(unknown)}")
@@ -201,7 +201,9 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check and convert a YAML/JSON value to the field's type, with a readable error."""
+    """Check and convert a YAML/JSON value to the field's type, with a readable error naming the
+    flag (`name`, e.g. "--aug-size"). No field takes NaN or infinity: a non-finite lr, temperature
+    or probability would train (or evaluate) to a plausible-looking but meaningless number."""
     base, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
@@ -231,7 +233,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ConfigError(f"{name} must be a number; got {value!r}")
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{name} must be a finite number; got {value!r}")
+            return number
         if base is str:
             return str(value)
     except (TypeError, ValueError) as e:
