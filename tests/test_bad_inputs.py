@@ -8,6 +8,7 @@ once for the module (digits at 16 px, a width-4 network, a few steps).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -22,6 +23,10 @@ from instdisc.cli import main
 TINY = ["--data", "digits", "--image-size", "16", "--aug-size", "16", "--width", "4", "--batch-size", "64",
         "--epochs", "1", "--max-steps", "2", "--knn-every", "0", "--no-progress", "--device", "cpu"]
 T = " ".join(TINY)
+TN = T + " --nce-k 0"  # NPID (the default method)
+
+
+PROGRESS = re.compile(r"\d+\.\d% \d+/\d+ \[")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -37,7 +42,9 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 def assert_refused(rc: int, out: str, err: str, needle: str = "") -> None:
     assert rc == 2, (rc, out, err)
     assert "Traceback" not in err and "Traceback" not in out
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("instdisc: warning:")]
+    # warnings and progress lines (work done before a data-dependent check) are not the message
+    lines = [ln for ln in err.strip().splitlines()
+             if not ln.startswith("instdisc: warning:") and not PROGRESS.search(ln)]
     assert lines, "no message"
     paragraph = "\n".join(lines)
     assert "\n\n" not in paragraph and len(lines) == 1, f"not one paragraph:\n{err}"
@@ -70,8 +77,10 @@ def world(tmp_path_factory):
     ck["model"][key][0, 0, 0, 0] = float("nan")
     torch.save(ck, nanrun / "checkpoints" / "last.pt")
     (nanrun / "config.json").write_text(json.dumps(ck["config"]))
-    ro = d / "readonly"
-    ro.mkdir()
+    # a "checkpoint" that pickles a Python object: torch's refusal advises weights_only=False
+    pickled = d / "pickled" / "checkpoints"
+    pickled.mkdir(parents=True)
+    torch.save({**ck, "extra": argparse.Namespace(a=1)}, pickled / "last.pt")
     return {"d": d, "run": run, "tr": d / "tr.npy", "te": d / "te.npy", "nanrun": nanrun}
 
 
@@ -87,15 +96,59 @@ CASES = [
     ("stages {run} --knn-t nan --epochs 1", "--knn-t"),
     ("knn {d}/nanrun", "not finite"),
     ("linear {d}/nanrun --epochs 1", "not finite"),
-    ("train --out {d}/t-nan --nce-t nan " + T, "--nce-t"),
-    ("train --out {d}/t-inf --lr inf " + T, "--lr"),
-    ("train --out {d}/t-moco --method moco --moco-t nan " + T, "--moco-t"),
+    ("train --out {d}/t-nan " + (TN) + " --nce-t nan", "--nce-t"),
+    ("train --out {d}/t-inf " + (TN) + " --lr inf", "--lr"),
+    ("train --out {d}/t-moco --method moco " + (T) + " --moco-t nan", "--moco-t"),
+    # out of range, wrong type, missing, empty
+    ("train --out {d}/t-seed " + (TN) + " --seed -1", "--seed"),
+    ("train --out {d}/t-aug " + (TN) + " --aug-size 0", "--aug-size"),
+    ("train --out {d}/t-aug2 " + (TN) + " --aug-flip-p 2", "--aug-flip-p"),
+    ("train --out {d}/t-wk " + (TN) + " --workers -1", "--workers"),
+    ("train --out {d}/t-type " + (TN) + " --epochs two", "--epochs"),
+    ("train --out {d}/t-simclr --method simclr " + T + " --batch-size 1", "--batch-size"),
+    ("train --out {d}/t-syn --data synthetic:9999999999 --epochs 1", "synthetic:N is limited"),
+    ("train --out {d}/t-dev " + TN + " --device cuda:99", "--device"),
+    ("train --out {d}/t-dev2 " + TN + " --device banana", "--device"),
+    ("train --out {d}/t-data " + TN + " --data {d}/missing-folder", "not found"),
+    ("train --out {d}/t-empty " + TN + " --data ''", "no data source"),
+    ("train --out {d}/t-missing " + TN + " --data", "--data"),
+    ("knn --train '' --test {te}", "run directory"),
+    ("train --out {d}/t-cfg --config {d}/garbage.pt", "config file"),
+    ("knn {run} --seed -1", "--seed"),
+    ("knn {run} --device cuda:99", "--device"),
+    ("knn {run} --device banana", "--device"),
+    ("knn {run} -k 0", "-k"),
+    ("knn {run} -k ten", "-k"),
+    ("knn --train {tr}", "--test"),
+    ("knn", "run directory"),
+    ("embed {run} --out {d}/e.npy --batch-size 0", "--batch-size"),
+    ("embed {run}", "--out"),
+    ("linear --train {tr} --test {te} --epochs 0", "--epochs"),
+    ("lowshot --train {tr} --test {te} --shots 0", "--shots"),
+    ("neighbors {run} --out {d}/nn.xyz", "--out"),
+    ("neighbors {run} --out {d}/garbage.pt/nn.png", "--out"),
+    ("neighbors {run} --out {d}/nn.png --ids 99999", "outside the test set"),
+    ("map {run} --out {d}/m.png --max-points 0", "--max-points"),
+    ("report {run} --out {d}", "--out"),
+    ("clusters {run} --top 0", "--top"),
+    ("demo --epochs 0", "--epochs"),
+    # wrong kind of file
+    ("knn --train {d}/text.npy --test {te}", "text.npy"),
+    ("knn --train {d}/empty.npy --test {te}", "empty.npy"),
+    ("knn --train {tr} --test {d}/garbage.pt", "garbage.pt"),
+    ("knn {d}/garbage.pt", "garbage.pt"),
+    ("embed {d}/garbage.pt --out {d}/e.npy", "garbage.pt"),
+    ("knn {d}/pickled", "Python objects"),
+    ("weights {d}/garbage.pt", "garbage.pt"),
+    ("train --out {d}/pickled --resume", "Python objects"),
+    ("data check {d}/missing-folder", "not found"),
+    ("data check {d}/garbage.pt", "garbage.pt"),
 ]
 
 
 @pytest.mark.parametrize("template,needle", CASES, ids=[c[0][:60] for c in CASES])
 def test_bad_value_exits_2_with_one_paragraph(world, capsys, template, needle):
-    argv = template.format(**{k: str(v) for k, v in world.items()}).split()
+    argv = ["" if a == "''" else a for a in template.format(**{k: str(v) for k, v in world.items()}).split()]
     rc, out, err = run_cli(argv, capsys)
     assert_refused(rc, out, err, needle)
 
@@ -133,3 +186,78 @@ def test_the_module_fixture_is_usable(world, capsys):
     assert rc == 0 and 0 <= float(out.strip().splitlines()[-1]) <= 100
     assert os.path.isdir(world["run"] / "checkpoints")
     assert Path(world["run"]).is_dir()
+
+
+def _tiny_folder(root: Path) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path, capsys):
+    root = _tiny_folder(tmp_path / "ds")
+    os.mkfifo(root / "train" / "a" / "x.png")  # opening it for reading would block forever
+    rc, out, err = run_cli(["data", "check", str(root)], capsys)
+    assert rc == 1 and "x.png: not a regular file" in out and "NOT OK" in out
+    rc, out, err = run_cli(["train", "--out", str(tmp_path / "r"), *TINY, "--nce-k", "0", "--data", str(root)], capsys)
+    assert_refused(rc, out, err, "not a regular file")
+
+
+def test_data_check_and_the_loader_judge_a_pic_zip_alike(tmp_path, capsys):
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from instdisc.datacheck import check_source
+    from instdisc.errors import DataError
+    from instdisc.sources import open_source
+
+    for side in (8, 100):  # small images are decoded at open, large ones streamed
+        root = tmp_path / f"pic{side}"
+        root.mkdir()
+        with zipfile.ZipFile(root / "train.zip", "w") as zf:
+            for i in range(4):
+                buf = io.BytesIO()
+                Image.new("RGB", (side, side), (i * 40, 0, 0)).save(buf, "PNG")
+                zf.writestr(f"n{i % 2}/{i}.png", buf.getvalue())
+        (root / "train_map.txt").write_text("".join(f"n{i % 2}/{i}.png\t{i % 2}\n" for i in range(4)) + "n1/ghost.png\t1\n")
+        report = check_source(str(root), progress=False)
+        assert not report.ok() and [r for _, r in report.bad] == ["missing from the archive"]
+        with pytest.raises(DataError, match="ghost.png"):
+            open_source(str(root), "train", cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_milestones_past_the_end_warn(tmp_path, capsys):
+    from instdisc.errors import InstdiscWarning
+
+    with pytest.warns(InstdiscWarning, match="--milestones 5 9 are not before --epochs 1"):
+        rc, _, _ = run_cli(["train", "--out", str(tmp_path / "r"), *TINY, "--nce-k", "0", "--milestones", "5", "9"],
+                           capsys)
+    assert rc == 0
+
+
+def test_every_warning_is_one_line_without_a_source_path(capsys):
+    from instdisc.cli import _formatwarning
+
+    text = _formatwarning(UserWarning("a library's\nwarning"), UserWarning, "/x/y.py", 3, "code()")
+    assert text == "instdisc: warning: UserWarning: a library's warning\n"
+
+
+def test_one_device_resolver():
+    from instdisc.dist import resolve_device
+    from instdisc.errors import UserError
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="--device"):
+        resolve_device("tpu")
+    with pytest.raises(UserError, match="--device cuda:99"):
+        resolve_device("cuda:99")

@@ -13,6 +13,7 @@ untouched. Everything inside is tensors, numbers, strings, lists and dicts:
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -109,12 +110,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise UserError(f"could not write {str(p)!r}: {e.strerror or e}.") from None
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle errors, garbage, vanished file: all "unreadable"
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}: {first}).") from None
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"checkpoint {str(path)!r} is unreadable (not a PyTorch file: {_first_line(e)}).") from None
+        # torch's message goes on to advise weights_only=False, i.e. running whatever code the file
+        # holds: never the right advice for a file that claims to be our checkpoint.
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds Python objects besides tensors, numbers and strings, so instdisc did "
+            "not write it (or it was altered); it is not loaded, because unpickling such objects can run code. "
+            "Released weights of another project are read by `instdisc weights FILE` or as FILE.pth, not as a run."
+        ) from None
+    except Exception as e:  # truncated zip, garbage, vanished file: all "unreadable"
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}: {_first_line(e)}).") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or "config" not in ck or "model" not in ck:
         raise CheckpointError(f"{str(path)!r} is not an instdisc checkpoint.")
     return ck

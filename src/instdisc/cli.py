@@ -19,8 +19,11 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from instdisc.errors import InstdiscWarning, PeerError, UserError
+
+SEED_MAX = 2**32 - 1  # numpy's limit (torch's is larger)
 
 SOURCES_HELP = (
     "digits (scikit-learn's bundled handwritten digits), synthetic[:N], cifar10, cifar100, a folder "
@@ -57,6 +60,68 @@ def positive_float(text: str) -> float:
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite number >= 0 (weight decay)."""
     return _number(text, low=0.0, low_ok=True)
+
+
+def _integer(text: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(
+            f"must be {'>= ' + str(low) if high is None else f'in [{low}, {high}]'}, got {text!r}"
+        )
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (epochs, batch sizes, counts)."""
+    return _integer(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (indices)."""
+    return _integer(text, 0)
+
+
+def min2_int(text: str) -> int:
+    """argparse type: a whole number >= 2 (points of a 2-D map)."""
+    return _integer(text, 2)
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed numpy and torch both accept."""
+    return _integer(text, 0, SEED_MAX)
+
+
+def image_path(text: str) -> str:
+    """argparse type: an output picture whose extension Pillow can write (.png, .jpg, ...)."""
+    from PIL import Image
+
+    Image.init()
+    ext = os.path.splitext(text)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a picture file name Pillow can write; end it with .png")
+    return text
+
+
+def _writable_parent(path: str) -> None:
+    """--out's folder exists (or is made) and takes files: checked before minutes of work."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot write {path!r}: {e.strerror or e} ({str(parent)!r}).") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out: cannot write {path!r}: the folder {str(parent)!r} is not writable.")
+
+
+def _save_image(img, path: str) -> None:  # noqa: ANN001
+    try:
+        img.save(path)
+    except OSError as e:
+        raise UserError(f"--out: cannot write {path!r}: {e.strerror or e}.") from None
 
 
 def _pre_parse(argv: Sequence[str]) -> tuple[str, str | None]:
@@ -183,10 +248,10 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 def _load_run(path: str, device: str):
     """Checkpoint -> (method in eval mode on device, its TrainConfig)."""
-    import torch
 
     from instdisc.checkpoint import load_checkpoint
     from instdisc.config import TrainConfig
+    from instdisc.dist import resolve_device
     from instdisc.engine import build_method
     from instdisc.errors import CheckpointError
     from instdisc.evaluate.subject import require_finite_weights
@@ -199,9 +264,7 @@ def _load_run(path: str, device: str):
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path!r} does not match its own config: {str(e).splitlines()[0]}") from None
     require_finite_weights(method, repr(str(path)))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     return method.to(dev).eval(), cfg, dev
 
 
@@ -319,9 +382,10 @@ def cmd_stages(args: argparse.Namespace) -> int:
 def cmd_neighbors(args: argparse.Namespace) -> int:
     from instdisc.report import neighbour_figure
 
+    _writable_parent(args.out)
     ev = _features(args, "embedding")
     img, caption = neighbour_figure(ev, queries=args.queries, k=args.k, seed=args.seed, indices=args.ids)
-    img.save(args.out)
+    _save_image(img, args.out)
     print(caption)
     print(f"wrote {args.out}")
     return 0
@@ -330,10 +394,11 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
 def cmd_map(args: argparse.Namespace) -> int:
     from instdisc.report import map_figure
 
+    _writable_parent(args.out)
     ev = _features(args, "embedding")
     img, caption = map_figure(ev.test_x, ev.test_y, ev.classes, method=args.method, max_points=args.max_points,
                               seed=args.seed)
-    img.save(args.out)
+    _save_image(img, args.out)
     print(caption)
     print(f"wrote {args.out}")
     return 0
@@ -398,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help=f"source to embed (default: the run's training source): {SOURCES_HELP}")
     e.add_argument("--split", choices=["train", "test"], default="test")
     e.add_argument("--out", required=True, help="output FILE.npy")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--batch-size", type=positive_int, default=256)
     e.add_argument("--device", default="auto")
     e.add_argument("--cache-dir", default=None)
     e.set_defaults(func=cmd_embed)
@@ -414,11 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"embedding (the method's normalised output) or backbone (pooled trunk) (default {kind})")
         q.add_argument("--data", help="source to evaluate on (default: the run's own; required for released weights)")
         q.add_argument("--layout", default=None, help="layout of released weights (default: detected)")
-        q.add_argument("--batch-size", type=int, default=256, help="images per forward pass when embedding")
+        q.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass when embedding")
         q.add_argument("--device", default="auto")
         q.add_argument("--cache-dir", default=None, help="decoded-image cache")
         q.add_argument("--no-cache", action="store_true", help="do not reuse or write RUN_DIR/eval/features")
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=seed_int, default=0)
 
     k = sub.add_parser("knn", help="weighted kNN sweep over k and t, of a run or of exported features",
                        description="Weighted kNN (NPID): top-k cosine neighbours vote with weights exp(s/t); every "
@@ -426,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "RUN_DIR/eval/knn.json. The last line printed is the top-1 accuracy (percent) "
                                    "of the last k and t alone, for scripts.")
     features_args(k, kind="embedding")
-    k.add_argument("-k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (default 10 20 100 200)")
+    k.add_argument("-k", type=positive_int, nargs="+", default=[10, 20, 100, 200], help="neighbours (default 10 20 100 200)")
     k.add_argument("-t", type=positive_float, nargs="+", default=[0.07], help="temperatures of the weights (default 0.07)")
     k.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto",
                    help="neighbour search; auto = faiss (if installed) for banks of 2,000,000+ rows")
@@ -442,8 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--norm", choices=["bn", "l2", "none"], default="bn",
                     help="input normalisation: bn = standardise with training statistics, l2 = unit rows (default bn)")
     li.add_argument("--lr", type=positive_float, nargs="+", default=[0.001, 0.01, 0.1, 1.0], help="learning rate(s) to choose from")
-    li.add_argument("--epochs", type=int, default=100)
-    li.add_argument("--probe-batch-size", type=int, default=256)
+    li.add_argument("--epochs", type=positive_int, default=100)
+    li.add_argument("--probe-batch-size", type=positive_int, default=256)
     li.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     li.add_argument("--augmented", action="store_true", help="train on augmented images through the backbone")
     li.set_defaults(func=cmd_linear)
@@ -452,8 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="For each k, --draws seeded random draws of k training images per class, a "
                                     "linear classifier on L2-normalised frozen features; mean +- std top-1.")
     features_args(lo, kind="backbone")
-    lo.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96])
-    lo.add_argument("--draws", type=int, default=5)
+    lo.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96])
+    lo.add_argument("--draws", type=positive_int, default=5)
     lo.add_argument("--classifier", choices=["svm", "logreg"], default="svm")
     lo.add_argument("-C", type=positive_float, default=1.0, help="inverse regularisation of the classifier (default 1)")
     lo.add_argument("--norm", choices=["l2", "bn", "none"], default="l2")
@@ -461,10 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stages", help="linear probe and kNN on the pooled output of each ResNet stage")
     features_args(st, files=False)
-    st.add_argument("--epochs", type=int, default=100)
+    st.add_argument("--epochs", type=positive_int, default=100)
     st.add_argument("--norm", choices=["bn", "l2", "none"], default="bn")
     st.add_argument("--lr", type=positive_float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
-    st.add_argument("--knn-k", type=int, default=200)
+    st.add_argument("--knn-k", type=positive_int, default=200)
     st.add_argument("--knn-t", type=positive_float, default=0.07)
     st.set_defaults(func=cmd_stages)
 
@@ -472,17 +537,17 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Each row: a test image (blue frame) then its -k nearest training images by "
                                     "cosine similarity of the embedding, framed green (same label) or red.")
     features_args(nb, files=False)
-    nb.add_argument("--out", required=True, help="output PNG")
-    nb.add_argument("--ids", type=int, nargs="+", default=None, help="test indices to query (default: random)")
-    nb.add_argument("--queries", type=int, default=8, help="number of random queries (default 8)")
-    nb.add_argument("-k", type=int, default=20, help="neighbours per query (default 20)")
+    nb.add_argument("--out", required=True, type=image_path, help="output picture (.png)")
+    nb.add_argument("--ids", type=nonnegative_int, nargs="+", default=None, help="test indices to query (default: random)")
+    nb.add_argument("--queries", type=positive_int, default=8, help="number of random queries (default 8)")
+    nb.add_argument("-k", type=positive_int, default=20, help="neighbours per query (default 20)")
     nb.set_defaults(func=cmd_neighbors)
 
     mp = sub.add_parser("map", help="PNG: 2-D map (PCA or t-SNE) of the test embedding, coloured by label")
     features_args(mp, files=False)
-    mp.add_argument("--out", required=True, help="output PNG")
+    mp.add_argument("--out", required=True, type=image_path, help="output picture (.png)")
     mp.add_argument("--method", choices=["pca", "tsne"], default="pca", help="pca (fast) or tsne (default pca)")
-    mp.add_argument("--max-points", type=int, default=2000)
+    mp.add_argument("--max-points", type=min2_int, default=2000)
     mp.set_defaults(func=cmd_map)
 
     rp = sub.add_parser("report", help="self-contained HTML report of a run (RUN_DIR/report.html)")
@@ -490,11 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", help="source to evaluate on (default: the run's own)")
     rp.add_argument("--out", default=None, help="output HTML (default RUN_DIR/report.html)")
     rp.add_argument("--full", action="store_true", help="also run linear probe, low-shot and per-stage protocols")
-    rp.add_argument("--queries", type=int, default=8)
-    rp.add_argument("-k", type=int, default=20)
+    rp.add_argument("--queries", type=positive_int, default=8)
+    rp.add_argument("-k", type=positive_int, default=20)
     rp.add_argument("--map", choices=["pca", "tsne"], default="pca")
-    rp.add_argument("--seed", type=int, default=0)
-    rp.add_argument("--batch-size", type=int, default=256)
+    rp.add_argument("--seed", type=seed_int, default=0)
+    rp.add_argument("--batch-size", type=positive_int, default=256)
     rp.add_argument("--device", default="auto")
     rp.add_argument("--cache-dir", default=None)
     rp.set_defaults(func=cmd_report)
@@ -513,9 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(int64, row i = training image i) and RUN_DIR/clusters/head{h}.png (the purest "
                                     "clusters first, one row of sample images each).")
     cl.add_argument("run", help="SeLa run directory or checkpoint")
-    cl.add_argument("--head", type=int, nargs="+", default=None, help="heads to report (default: all)")
-    cl.add_argument("--top", type=int, default=10, help="clusters (rows) in the grid (default 10)")
-    cl.add_argument("--per-cluster", type=int, default=10, help="images per row (default 10)")
+    cl.add_argument("--head", type=nonnegative_int, nargs="+", default=None, help="heads to report (default: all)")
+    cl.add_argument("--top", type=positive_int, default=10, help="clusters (rows) in the grid (default 10)")
+    cl.add_argument("--per-cluster", type=positive_int, default=10, help="images per row (default 10)")
     cl.add_argument("--data", help="training source (default: the run's own)")
     cl.add_argument("--cache-dir", default=None)
     cl.set_defaults(func=cmd_clusters)
@@ -528,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="offline demo: NPID on scikit-learn digits, learned vs random kNN (~3 min on CPU)")
     m.add_argument("--out", default="runs/demo", help="run directory (replaced if it exists)")
-    m.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
+    m.add_argument("--epochs", type=positive_int, default=None, help="override the demo's epochs")
     m.set_defaults(func=cmd_demo)
     return p
 
@@ -539,14 +604,13 @@ def _tune_runtime() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-_plain_formatwarning = warnings.formatwarning
-
-
 def _formatwarning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
-    """Our warnings as one line, like our errors; others as Python prints them."""
+    """Every warning as one line, like our errors: ours as they are, a library's with its category
+    (never Python's default form with a source path and a line of code)."""
+    text = " ".join(str(message).split())
     if issubclass(category, InstdiscWarning):
-        return f"instdisc: warning: {message}\n"
-    return _plain_formatwarning(message, category, filename, lineno, line)
+        return f"instdisc: warning: {text}\n"
+    return f"instdisc: warning: {category.__name__}: {text}\n"
 
 
 # Failures of the machine rather than of the program: a message, not a traceback.

@@ -14,6 +14,7 @@ import difflib
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from instdisc.augment import AugmentConfig
-from instdisc.errors import ConfigError
+from instdisc.errors import ConfigError, InstdiscWarning
 
 
 @dataclass
@@ -306,7 +307,7 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(p)!r} must be a mapping of flag names to values.")
     return {str(k).replace("-", "_"): v for k, v in raw.items()}
@@ -340,8 +341,18 @@ def resolve(preset: dict[str, Any], flags: dict[str, Any], method: str) -> Train
 
 def validate(cfg: TrainConfig) -> None:
     """Range checks that do not need the data (those that do live where N is known)."""
+    from instdisc.methods import METHODS
+
     o, r = cfg.optim, cfg.run
+    min_batch = getattr(METHODS[r.method], "min_batch_size", 1)
     checks = [
+        (0 <= r.seed <= 2**32 - 1, f"--seed must be in [0, 2**32 - 1]; got {r.seed}"),
+        (o.batch_size >= min_batch,
+         f"--batch-size must be >= {min_batch} for --method {r.method} (each image's negatives are the other "
+         f"images of the batch: with fewer there are none and the loss is 0); got {o.batch_size}"),
+        (cfg.data.workers >= 0, f"--workers must be >= 0 (0 = decode in the main process); got {cfg.data.workers}"),
+        (cfg.data.image_size is None or cfg.data.image_size >= 1,
+         f"--image-size must be >= 1; got {cfg.data.image_size}"),
         (o.epochs >= 1, f"--epochs must be >= 1; got {o.epochs}"),
         (o.batch_size >= 1, f"--batch-size must be >= 1; got {o.batch_size}"),
         (o.lr > 0, f"--lr must be > 0; got {o.lr}"),
@@ -372,3 +383,12 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg + ".")
+    late = [m for m in o.milestones if m >= o.epochs]
+    if o.schedule == "step" and late:
+        warnings.warn(
+            f"--milestones {' '.join(map(str, late))} {'is' if len(late) == 1 else 'are'} not before --epochs "
+            f"{o.epochs}: the step schedule never drops there (the lr stays {o.lr:g}"
+            + (f" x {o.gamma:g} per earlier milestone" if len(late) < len(o.milestones) else "")
+            + "). Give milestones below --epochs, or --schedule cosine.",
+            InstdiscWarning, stacklevel=2,
+        )

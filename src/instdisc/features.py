@@ -101,6 +101,10 @@ def save_features(path: str | Path, feats: Tensor, labels: np.ndarray | None, me
     return written
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
 def load_features(path: str | Path) -> tuple[Tensor, Tensor | None]:
     """Read FILE.npy and FILE.labels.npy if present -> (features (N, D), labels (N,) or None)."""
     path = Path(path)
@@ -108,8 +112,8 @@ def load_features(path: str | Path) -> tuple[Tensor, Tensor | None]:
         raise UserError(f"feature file {str(path)!r} does not exist (expected an .npy written by `instdisc embed`).")
     try:
         feats = torch.from_numpy(np.load(path, allow_pickle=False)).float()
-    except (ValueError, OSError) as e:
-        raise UserError(f"{str(path)!r} is not a readable .npy feature file: {e}") from None
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty or truncated file
+        raise UserError(f"{str(path)!r} is not a readable .npy feature file: {_first_line(e) or 'empty file'}") from None
     if feats.ndim != 2:
         raise UserError(f"{str(path)!r} holds an array of shape {tuple(feats.shape)}; expected (N, D).")
     bad_rows = (~torch.isfinite(feats)).any(dim=1)  # (N,)

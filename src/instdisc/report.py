@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from instdisc import __version__
+from instdisc.checkpoint import atomic_write_text
 from instdisc.errors import UserError
 
 _CSS = """
@@ -283,6 +284,9 @@ def build_report(
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"{str(run)!r} is not a run directory.")
+    target = Path(out) if out else run / "report.html"
+    if target.is_dir():  # checked before minutes of embedding, not at the end
+        raise UserError(f"--out {str(target)!r} is a folder; give the HTML file to write, e.g. {str(target / 'report.html')!r}.")
     cfg: dict[str, Any] = {}
     if (run / "config.json").is_file():
         try:
@@ -325,10 +329,7 @@ def build_report(
             for p in extra))
 
     page = _page(run, cfg, records, E.load_results(run), figures, notes, time.perf_counter() - t0)
-    target = Path(out) if out else run / "report.html"
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(target)
+    atomic_write_text(target, page)
     return target
 
 

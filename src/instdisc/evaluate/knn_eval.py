@@ -6,7 +6,6 @@ neighbour search, through the chunked torch path (`instdisc.knn`) or faiss for l
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from typing import Any
 

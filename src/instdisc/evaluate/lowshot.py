@@ -5,7 +5,6 @@ several seeded draws, a linear SVM or logistic regression; mean +- std per k.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from typing import Any, Literal
 

@@ -49,12 +49,6 @@ class Subject:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def require_finite_weights(module: nn.Module, where: str) -> None:
     """Refuse weights holding NaN or infinity: every feature computed from them would be NaN
     (or garbage), and the protocols would still print a plausible chance-level score."""
@@ -87,8 +81,9 @@ def load_subject(
     """
     from instdisc import published
     from instdisc.checkpoint import find_checkpoint, load_checkpoint
+    from instdisc.dist import resolve_device
 
-    dev = _device(device)
+    dev = resolve_device(device)
     p = Path(path)
     if layout is None and p.is_dir():
         ck = load_checkpoint(p)
