@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -86,13 +87,30 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
         _rotate(last, prev)
         os.replace(tmp, last)
         _fsync_dir(d)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write (ENOSPC, EDQUOT, EIO) from its C++ stream writer as a
+        # RuntimeError ("unexpected pos ...", "file write failed"), not as the OSError behind it.
         tmp.unlink(missing_ok=True)
         raise UserError(
-            f"could not write a checkpoint to {str(d)!r}: {e.strerror or e}. The previous checkpoint "
+            f"could not write a checkpoint to {str(d)!r}: {write_failure(e, d)}. The previous checkpoint "
             "is untouched; free some space or fix the permissions and continue with --resume."
         ) from None
     return last
+
+
+def write_failure(e: BaseException, where: Path) -> str:
+    """Why a write into the folder `where` failed, in words: the OSError's own reason, or, for
+    torch's RuntimeError (which drops the errno), what the file system says now."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if free is not None and free < 1 << 20:
+        return f"no space left on the device ({free:,} bytes free; torch: {first})"
+    return f"the write failed (torch: {first})"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

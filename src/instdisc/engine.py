@@ -28,7 +28,13 @@ from torch import Tensor, nn
 
 from instdisc import __version__, dist
 from instdisc.augment import AugmentConfig, augment
-from instdisc.checkpoint import atomic_write_text, checkpoint_dir, load_checkpoint, save_checkpoint
+from instdisc.checkpoint import (
+    atomic_write_text,
+    checkpoint_dir,
+    load_checkpoint,
+    save_checkpoint,
+    write_failure,
+)
 from instdisc.config import OptimConfig, TrainConfig
 from instdisc.dist import Env
 from instdisc.errors import CheckpointError, DataError, InstdiscWarning, NonFiniteError, UserError
@@ -249,8 +255,9 @@ class NonFiniteGuard:
             if with_model and self.is_main:
                 record = {**record, "model": self.method.state_dict(), "config": self.config}
             torch.save(record, path)
-        except OSError as e:
-            return f"(no debug snapshot: {e.strerror or e})"
+        except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
+            path.unlink(missing_ok=True)
+            return f"(no debug snapshot: {write_failure(e, self.debug_dir)})"
         return str(path)
 
     def handle(self, bad: tuple[bool, bool], loss: Tensor, idx: Tensor, state: TrainState, *, seed: int) -> str:
