@@ -261,3 +261,21 @@ def test_one_device_resolver():
         resolve_device("tpu")
     with pytest.raises(UserError, match="--device cuda:99"):
         resolve_device("cuda:99")
+
+
+def test_linear_augmented_trains_at_its_documented_lr(world, capsys, monkeypatch):
+    import instdisc.evaluate as E
+
+    seen = []
+
+    def fake(subject, tr, te, *, lr, **kw):
+        seen.append(lr)
+        return {"top1": 1.0, "top5": 2.0, "lr": lr, "norm": kw["norm"], "epochs": kw["epochs"], "time_s": 0.0}
+
+    monkeypatch.setattr(E, "linear_probe_augmented", fake)
+    assert run_cli(["linear", str(world["run"]), "--augmented", "--epochs", "1", "--device", "cpu"], capsys)[0] == 0
+    assert run_cli(["linear", str(world["run"]), "--augmented", "--epochs", "1", "--device", "cpu", "--lr", "0.5"],
+                   capsys)[0] == 0
+    assert seen == [0.1, 0.5]  # not the first value of the cached probe's grid (0.001)
+    rc, out, err = run_cli(["linear", str(world["run"]), "--augmented", "--lr", "0.1", "1", "--device", "cpu"], capsys)
+    assert_refused(rc, out, err, "one --lr")

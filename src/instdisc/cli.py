@@ -23,7 +23,9 @@ from pathlib import Path
 
 from instdisc.errors import InstdiscWarning, PeerError, UserError
 
-SEED_MAX = 2**32 - 1  # numpy's limit (torch's is larger)
+SEED_MAX = 2**32 - 1
+LINEAR_LRS = (0.001, 0.01, 0.1, 1.0)  # the cached-feature probe's grid (docs/evaluation.md)
+AUGMENTED_LR = 0.1  # the augmented probe's one lr (docs/evaluation.md)  # numpy's limit (torch's is larger)
 
 SOURCES_HELP = (
     "digits (scikit-learn's bundled handwritten digits), synthetic[:N], cifar10, cifar100, a folder "
@@ -335,15 +337,18 @@ def cmd_linear(args: argparse.Namespace) -> int:
         te = open_images(subject, args.data, "test", cache_dir=args.cache_dir, progress=True)
         if args.norm == "none":
             raise UserError("--augmented supports --norm bn or l2 (a BatchNorm or unit rows before the classifier).")
+        if args.lr is not None and len(args.lr) > 1:
+            raise UserError("--augmented trains one classifier (no held-out grid search): give one --lr "
+                            f"(default {AUGMENTED_LR:g}); got {' '.join(f'{v:g}' for v in args.lr)}.")
         res = linear_probe_augmented(subject, tr, te, norm=args.norm,
-                                     lr=args.lr[0], epochs=args.epochs, batch_size=args.probe_batch_size,
+                                     lr=args.lr[0] if args.lr else AUGMENTED_LR, epochs=args.epochs, batch_size=args.probe_batch_size,
                                      weight_decay=args.weight_decay, seed=args.seed, progress=True)
         save_dir = subject.run_dir / "eval" if subject.run_dir is not None else None
         name = "linear_augmented"
     else:
         ev = _features(args, args.features)
         res = linear_probe(ev.train_x, ev.train_y, ev.test_x, ev.test_y, num_classes=ev.num_classes,
-                           norm=args.norm, lrs=args.lr, epochs=args.epochs, batch_size=args.probe_batch_size,
+                           norm=args.norm, lrs=args.lr or LINEAR_LRS, epochs=args.epochs, batch_size=args.probe_batch_size,
                            weight_decay=args.weight_decay, seed=args.seed)
         save_dir, name = ev.save_dir, "linear" if args.features == "backbone" else f"linear_{args.features}"
     save_result(save_dir, name, {"features": "backbone" if args.augmented else args.features, **res})
@@ -506,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     features_args(li, kind="backbone")
     li.add_argument("--norm", choices=["bn", "l2", "none"], default="bn",
                     help="input normalisation: bn = standardise with training statistics, l2 = unit rows (default bn)")
-    li.add_argument("--lr", type=positive_float, nargs="+", default=[0.001, 0.01, 0.1, 1.0], help="learning rate(s) to choose from")
+    li.add_argument("--lr", type=positive_float, nargs="+", default=None,
+                    help="learning rate(s): on cached features the grid to pick from on a held-out 10%% (default "
+                         f"{' '.join(f'{v:g}' for v in LINEAR_LRS)}); with --augmented one value (default {AUGMENTED_LR:g})")
     li.add_argument("--epochs", type=positive_int, default=100)
     li.add_argument("--probe-batch-size", type=positive_int, default=256)
     li.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
