@@ -449,7 +449,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from instdisc.demo import run_demo
 
-    run_demo(out=args.out, epochs=args.epochs, overwrite=True)
+    run_demo(out=args.out, epochs=args.epochs, overwrite=args.overwrite)
     return 0
 
 
@@ -599,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_data_check)
 
     m = sub.add_parser("demo", help="offline demo: NPID on scikit-learn digits, learned vs random kNN (~3 min on CPU)")
-    m.add_argument("--out", default="runs/demo", help="run directory (replaced if it exists)")
+    m.add_argument("--out", default="runs/demo",
+                   help="run directory (default runs/demo); an earlier demo there is replaced, any other run refused")
+    m.add_argument("--overwrite", action="store_true", help="replace whatever run --out holds")
     m.add_argument("--epochs", type=positive_int, default=None, help="override the demo's epochs")
     m.set_defaults(func=cmd_demo)
     return p

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import socket
 import sys
 import time
 import warnings
@@ -400,14 +401,53 @@ def evaluate_knn(
     return {f"knn_{k}": v for k, v in res.items()}
 
 
-def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to train over another run unless asked to resume or overwrite."""
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of a training process.
+
+    `fcntl.flock` on RUN_DIR/.lock: the kernel drops it when the holder exits, however it exits
+    (SIGKILL, OOM, power loss on a local disk), so a lock file left by a killed process is stale by
+    construction and the next run takes it over. The file names its holder (pid, host, start time)
+    for the refusal message. Where flock does not exist, nothing is locked.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(
+                f"{str(self.path.parent)!r} is in use by another training ({holder}): two runs in one folder would "
+                "interleave their metrics and checkpoints. Wait for it to finish, stop it, or choose another --out."
+            ) from None
+        # Ours now, whatever the file said (a killed holder's lock is released by the kernel).
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
+    """Lock the run directory, and refuse to train over another run unless asked to resume or
+    overwrite. The caller releases the returned lock when training ends."""
     has_run = (out / "config.json").exists() or checkpoint_dir(out).exists()
-    if has_run and not (resume or overwrite):
-        raise UserError(
-            f"{str(out)!r} already holds a run. Pass --resume to continue it, --overwrite to start "
-            "over (its checkpoints and metrics are replaced), or choose another --out."
-        )
     if resume and not has_run:
         raise UserError(f"--resume: {str(out)!r} holds no run to resume.")
     try:
@@ -417,12 +457,29 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to the run directory {str(out)!r}: {e.strerror or e}.") from None
-    if overwrite and not resume:
-        ckd = checkpoint_dir(out)
-        for p in [out / "metrics.jsonl", ckd / "last.pt", ckd / "prev.pt", ckd / "last.pt.damaged"]:
-            p.unlink(missing_ok=True)
-        for p in (out / "debug").glob("step*-rank*.pt"):
-            p.unlink()
+    lock = RunLock(out)
+    lock.acquire()  # before anything is judged or deleted: a running training owns the folder
+    try:
+        has_run = (out / "config.json").exists() or checkpoint_dir(out).exists()
+        if has_run and not (resume or overwrite):
+            raise UserError(
+                f"{str(out)!r} already holds a run. Pass --resume to continue it, --overwrite to start "
+                "over (its checkpoints, metrics and evaluation results are replaced), or choose another --out."
+            )
+        if overwrite and not resume:
+            ckd = checkpoint_dir(out)
+            for p in [out / "metrics.jsonl", ckd / "last.pt", ckd / "prev.pt", ckd / "last.pt.damaged"]:
+                p.unlink(missing_ok=True)
+            for p in (out / "debug").glob("step*-rank*.pt"):
+                p.unlink()
+            # The old model's results (and cached features) would read as the new model's.
+            for p in [*(out / "eval").glob("*.json"), *(out / "eval" / "features").glob("*")]:
+                if p.is_file():
+                    p.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def restore_training(ck: dict[str, Any], method: Method, optimizer: torch.optim.Optimizer,
@@ -467,14 +524,21 @@ def wrap_for_training(method: Method, env: Env, *, compile: bool) -> nn.Module:
 
 
 def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Train `cfg.run.method` and return the final metrics."""
+    """Train `cfg.run.method` and return the final metrics. The run directory is locked meanwhile."""
+    clock = StopRequest(cfg.run.time_limit)  # started before the data are opened: loading counts
+    out = Path(cfg.run.out)
+    lock = prepare_run_dir(out, resume=resume, overwrite=overwrite) if env.is_main else None
+    try:
+        dist.barrier()
+        return _fit(cfg, env, clock, out, resume=resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: bool) -> dict[str, Any]:
     r, o = cfg.run, cfg.optim
-    clock = StopRequest(r.time_limit)  # started before the data are opened: loading counts
-    out = Path(r.out)
     ck = None
-    if env.is_main:
-        prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    dist.barrier()
     if resume:
         ck = load_checkpoint(out, quarantine=env.is_main)
         if ck.get("method") != r.method:

@@ -140,6 +140,9 @@ def evaluation_html(results: dict[str, dict[str, Any]]) -> str:
         res = results[name]
         title = html.escape(name.replace("_", " "))
         when = html.escape(str(res.get("date", "")))
+        if res.get("stale"):
+            when += (" — <b class='stale'>STALE: computed before the current checkpoint, i.e. for an older model; "
+                     "run the protocol again</b>")
         if name.startswith("knn") and res.get("rows"):
             parts.append(f"<h3>weighted kNN sweep ({title})</h3><p class='sub'>{when}; features: "
                          f"{html.escape(str(res.get('features', '')))}</p>")
