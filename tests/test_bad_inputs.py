@@ -279,3 +279,59 @@ def test_linear_augmented_trains_at_its_documented_lr(world, capsys, monkeypatch
     assert seen == [0.1, 0.5]  # not the first value of the cached probe's grid (0.001)
     rc, out, err = run_cli(["linear", str(world["run"]), "--augmented", "--lr", "0.1", "1", "--device", "cpu"], capsys)
     assert_refused(rc, out, err, "one --lr")
+
+
+@pytest.mark.parametrize("method", sorted(__import__("instdisc.methods", fromlist=["METHODS"]).METHODS))
+def test_every_method_trains_on_digits_with_its_defaults(tmp_path, capsys, method):
+    """No size flag: the method's negatives / clusters / queue / classes are chosen for N = 1437
+    and said in one line; only the run length and the network's width are made tiny here."""
+    rc, out, err = run_cli(["train", "--method", method, "--data", "digits", "--out", str(tmp_path / "r"),
+                            "--epochs", "1", "--max-steps", "1", "--width", "4", "--knn-every", "0",
+                            "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert all(v is not None for v in cfg["method"].values() if not isinstance(v, str)) or method == "supervised"
+    chosen = [ln for ln in out.splitlines() if ln.startswith("instdisc: for N = 1437")]
+    assert len(chosen) <= 1
+    if method in ("npid", "moco", "sela", "supervised"):
+        assert chosen, out
+
+
+def test_an_explicit_size_that_does_not_fit_keeps_its_error(tmp_path, capsys):
+    for flags, needle in ((["--nce-k", "4096"], "--nce-k must be in [0, N)"),
+                          (["--method", "sela", "--ncl", "3000"], "--ncl values must be in [2, N]"),
+                          (["--method", "pic", "--queue-size", "5000"], "--queue-size must be in [0, N)")):
+        rc, out, err = run_cli(["train", "--out", str(tmp_path / "r"), *TINY, *flags], capsys)
+        assert_refused(rc, out, err, needle)
+
+
+def test_size_defaults_follow_n():
+    from instdisc.methods.moco import MoCoConfig
+    from instdisc.methods.npid import NPIDConfig
+    from instdisc.methods.sela import SeLaConfig
+
+    assert NPIDConfig().fill_defaults(50_000) == ["--nce-k 4096 (the paper's)"]
+    c = NPIDConfig()
+    c.fill_defaults(1437)
+    assert c.nce_k == 0
+    c = MoCoConfig()
+    c.fill_defaults(50_000)
+    assert c.moco_k == 16384
+    c = MoCoConfig()
+    c.fill_defaults(2_000_000)
+    assert c.moco_k == 65536
+    c = SeLaConfig()
+    c.fill_defaults(1437)
+    assert c.ncl == [143]
+    c = NPIDConfig(nce_k=7)
+    assert c.fill_defaults(10) == [] and c.nce_k == 7  # given: kept, judged by validate
+
+
+def test_the_digits_preset_is_the_demos():
+    from instdisc.config import load_preset
+    from instdisc.demo import DEMO_PRESET
+
+    root = Path(__file__).resolve().parents[1]
+    preset = load_preset(root / "configs" / "npid_digits.yaml")
+    demo = {k: v for k, v in DEMO_PRESET.items() if k != "device"}
+    assert preset == {"method": "npid", **demo}

@@ -263,6 +263,8 @@ def _add_fields(parser: argparse.ArgumentParser, section: str, dc: type, title: 
         default = getattr(defaults, f.name)
         help_ = f.metadata.get("help", "")
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        if default is None and f.metadata.get("auto"):
+            shown = "chosen for the training set's size, see above"
         help_ = f"{help_} (default: {shown})" if help_ else f"(default: {shown})"
         kw: dict[str, Any] = {"dest": _dest(section, f.name), "default": argparse.SUPPRESS, "help": help_}
         if tp is bool:

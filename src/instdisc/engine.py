@@ -57,6 +57,24 @@ def build_method(cfg: TrainConfig, num_samples: int) -> Method:
     return METHODS[cfg.run.method](backbone, feat_dim, num_samples, cfg.method)
 
 
+def fill_size_defaults(cfg: TrainConfig, num_samples: int, num_classes: int) -> list[str]:
+    """Resolve the method's size-dependent hyper-parameters left unset (negatives, clusters, queue)
+    against the training set, before the model is built and the config saved; print what was chosen
+    in one line. A value the user gave is kept (and judged by the method's own checks)."""
+    fill = getattr(cfg.method, "fill_defaults", None)
+    chosen = fill(num_samples, num_classes) if fill is not None else []
+    d = cfg.data
+    if d.sampler == "sliding" and not d.window:  # as make_order reads 0: PIC's D = N / 10, S = D / 8
+        d.window = max(num_samples // 10, 1)
+        chosen.append(f"--window {d.window} (N // 10, PIC's ratio)")
+    if d.sampler == "sliding" and not d.stride:
+        d.stride = max(d.window // 8, 1)
+        chosen.append(f"--stride {d.stride} (window // 8)")
+    if chosen:
+        dist.print0(f"instdisc: for N = {num_samples} training images: {'; '.join(chosen)}. Give the flag to choose.")
+    return chosen
+
+
 def lr_schedule(o: OptimConfig, steps_per_epoch: int) -> Tensor:
     """Learning rate of every step, computed up front: (epochs * steps_per_epoch,)."""
     total = o.epochs * steps_per_epoch
@@ -546,6 +564,7 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
 
     train, test = open_sets(cfg)
     n = len(train)
+    fill_size_defaults(cfg, n, len(train.classes))
     if ck is not None and int(ck.get("num_samples", n)) != n:
         raise CheckpointError(
             f"the training set changed: {cfg.data.data!r} now has {n} images, the checkpoint was trained on "
