@@ -335,3 +335,47 @@ def test_the_digits_preset_is_the_demos():
     preset = load_preset(root / "configs" / "npid_digits.yaml")
     demo = {k: v for k, v in DEMO_PRESET.items() if k != "device"}
     assert preset == {"method": "npid", **demo}
+
+
+def _all_parsers():
+    from instdisc.cli import _train_parser, build_parser
+    from instdisc.methods import METHODS
+
+    todo = [build_parser()]
+    seen = []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                todo += [q for name, q in a.choices.items() if name != "train"]
+    return seen + [_train_parser(m) for m in METHODS]
+
+
+def test_every_option_of_every_command_has_help_and_says_its_default_once():
+    for p in _all_parsers():
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            where = f"{p.prog} {'/'.join(a.option_strings) or a.dest}"
+            assert a.help and a.help != argparse.SUPPRESS, f"{where} has no help"
+            assert len(re.findall(r"\bdefault\b[: ]", a.help.lower())) <= 1, f"{where} says its default twice: {a.help}"
+
+
+def test_version_and_data_alone(capsys):
+    from instdisc import __version__
+
+    rc, out, _ = run_cli(["--version"], capsys)
+    assert rc == 0 and out.strip() == f"instdisc {__version__}"
+    rc, out, err = run_cli(["data"], capsys)
+    assert rc == 2 and "usage: instdisc data" in out + err and "check" in out + err
+
+
+@pytest.mark.parametrize("method,reads", [("npid", "(memory bank)"), ("simclr", "(train set re-embedded)")])
+def test_the_knn_monitor_says_what_it_reads(tmp_path, capsys, method, reads):
+    rc, out, err = run_cli(["train", "--method", method, "--data", "digits", "--image-size", "16", "--aug-size", "16",
+                            "--width", "4", "--batch-size", "256", "--epochs", "1", "--knn-every", "1",
+                            "--no-progress", "--device", "cpu", "--out", str(tmp_path / "r")], capsys)
+    assert rc == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("epoch 1/1"))
+    assert "kNN top-1" in line and reads in line

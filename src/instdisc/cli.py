@@ -27,6 +27,11 @@ SEED_MAX = 2**32 - 1
 LINEAR_LRS = (0.001, 0.01, 0.1, 1.0)  # the cached-feature probe's grid (docs/evaluation.md)
 AUGMENTED_LR = 0.1  # the augmented probe's one lr (docs/evaluation.md)  # numpy's limit (torch's is larger)
 
+BATCH_HELP = "images per forward pass when embedding (default 256)"
+DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N (default auto)"
+CACHE_HELP = "decoded-image cache (default $INSTDISC_CACHE or ~/.cache/instdisc)"
+SEED_HELP = "seed of the random draws (default 0)"
+
 SOURCES_HELP = (
     "digits (scikit-learn's bundled handwritten digits), synthetic[:N], cifar10, cifar100, a folder "
     "(ImageFolder with train/ and test/, CIFAR python batches, or PIC's train.zip + train_map.txt), "
@@ -446,6 +451,11 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok() else 1
 
 
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from instdisc.demo import run_demo
 
@@ -458,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="instdisc",
         description="Self-supervised visual features by instance discrimination (NPID), and their evaluation.",
     )
+    from instdisc import __version__
+
+    p.add_argument("--version", action="version", version=f"instdisc {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.add_parser("train", help="train a model (see `instdisc train --help`)", add_help=False)
 
@@ -466,11 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(N int64, if the source has labels) and FILE.meta.json.")
     e.add_argument("run", help="run directory or checkpoint file")
     e.add_argument("--data", help=f"source to embed (default: the run's training source): {SOURCES_HELP}")
-    e.add_argument("--split", choices=["train", "test"], default="test")
+    e.add_argument("--split", choices=["train", "test"], default="test", help="which split (default test)")
     e.add_argument("--out", required=True, help="output FILE.npy")
-    e.add_argument("--batch-size", type=positive_int, default=256)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--cache-dir", default=None)
+    e.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
+    e.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     e.set_defaults(func=cmd_embed)
 
     def features_args(q: argparse.ArgumentParser, *, files: bool = True, kind: str | None = None) -> None:
@@ -484,11 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"embedding (the method's normalised output) or backbone (pooled trunk) (default {kind})")
         q.add_argument("--data", help="source to evaluate on (default: the run's own; required for released weights)")
         q.add_argument("--layout", default=None, help="layout of released weights (default: detected)")
-        q.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass when embedding")
-        q.add_argument("--device", default="auto")
-        q.add_argument("--cache-dir", default=None, help="decoded-image cache")
+        q.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+        q.add_argument("--device", default="auto", help=DEVICE_HELP)
+        q.add_argument("--cache-dir", default=None, help=CACHE_HELP)
         q.add_argument("--no-cache", action="store_true", help="do not reuse or write RUN_DIR/eval/features")
-        q.add_argument("--seed", type=seed_int, default=0)
+        q.add_argument("--seed", type=seed_int, default=0, help=SEED_HELP)
 
     k = sub.add_parser("knn", help="weighted kNN sweep over k and t, of a run or of exported features",
                        description="Weighted kNN (NPID): top-k cosine neighbours vote with weights exp(s/t); every "
@@ -512,11 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--norm", choices=["bn", "l2", "none"], default="bn",
                     help="input normalisation: bn = standardise with training statistics, l2 = unit rows (default bn)")
     li.add_argument("--lr", type=positive_float, nargs="+", default=None,
-                    help="learning rate(s): on cached features the grid to pick from on a held-out 10%% (default "
-                         f"{' '.join(f'{v:g}' for v in LINEAR_LRS)}); with --augmented one value (default {AUGMENTED_LR:g})")
-    li.add_argument("--epochs", type=positive_int, default=100)
-    li.add_argument("--probe-batch-size", type=positive_int, default=256)
-    li.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+                    help="learning rate(s): the grid the cached-feature probe picks from on a held-out 10%% "
+                         f"(default {' '.join(f'{v:g}' for v in LINEAR_LRS)}), or the one lr of --augmented (there "
+                         f"{AUGMENTED_LR:g})")
+    li.add_argument("--epochs", type=positive_int, default=100, help="epochs of the classifier (default 100)")
+    li.add_argument("--probe-batch-size", type=positive_int, default=256, help="batch of the classifier's SGD (default 256)")
+    li.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="weight decay of the classifier (default 0)")
     li.add_argument("--augmented", action="store_true", help="train on augmented images through the backbone")
     li.set_defaults(func=cmd_linear)
 
@@ -524,20 +538,20 @@ def build_parser() -> argparse.ArgumentParser:
                         description="For each k, --draws seeded random draws of k training images per class, a "
                                     "linear classifier on L2-normalised frozen features; mean +- std top-1.")
     features_args(lo, kind="backbone")
-    lo.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96])
-    lo.add_argument("--draws", type=positive_int, default=5)
-    lo.add_argument("--classifier", choices=["svm", "logreg"], default="svm")
+    lo.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96], help="labelled training images per class, k (default 1 2 4 8 16 32 64 96)")
+    lo.add_argument("--draws", type=positive_int, default=5, help="seeded random draws per k (default 5)")
+    lo.add_argument("--classifier", choices=["svm", "logreg"], default="svm", help="linear SVM or logistic regression (default svm)")
     lo.add_argument("-C", type=positive_float, default=1.0, help="inverse regularisation of the classifier (default 1)")
-    lo.add_argument("--norm", choices=["l2", "bn", "none"], default="l2")
+    lo.add_argument("--norm", choices=["l2", "bn", "none"], default="l2", help="input normalisation of the features (default l2)")
     lo.set_defaults(func=cmd_lowshot)
 
     st = sub.add_parser("stages", help="linear probe and kNN on the pooled output of each ResNet stage")
     features_args(st, files=False)
-    st.add_argument("--epochs", type=positive_int, default=100)
-    st.add_argument("--norm", choices=["bn", "l2", "none"], default="bn")
-    st.add_argument("--lr", type=positive_float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
-    st.add_argument("--knn-k", type=positive_int, default=200)
-    st.add_argument("--knn-t", type=positive_float, default=0.07)
+    st.add_argument("--epochs", type=positive_int, default=100, help="epochs of each stage's linear probe (default 100)")
+    st.add_argument("--norm", choices=["bn", "l2", "none"], default="bn", help="input normalisation of the probes (default bn)")
+    st.add_argument("--lr", type=positive_float, nargs="+", default=list(LINEAR_LRS), help="learning rates the probes pick from on a held-out 10%% (default 0.001 0.01 0.1 1)")
+    st.add_argument("--knn-k", type=positive_int, default=200, help="neighbours of the per-stage kNN (default 200)")
+    st.add_argument("--knn-t", type=positive_float, default=0.07, help="temperature of the kNN weights exp(s/t) (default 0.07)")
     st.set_defaults(func=cmd_stages)
 
     nb = sub.add_parser("neighbors", help="PNG grid: test queries and their nearest training images",
@@ -554,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     features_args(mp, files=False)
     mp.add_argument("--out", required=True, type=image_path, help="output picture (.png)")
     mp.add_argument("--method", choices=["pca", "tsne"], default="pca", help="pca (fast) or tsne (default pca)")
-    mp.add_argument("--max-points", type=min2_int, default=2000)
+    mp.add_argument("--max-points", type=min2_int, default=2000, help="test images drawn (seeded) into the map (default 2000)")
     mp.set_defaults(func=cmd_map)
 
     rp = sub.add_parser("report", help="self-contained HTML report of a run (RUN_DIR/report.html)")
@@ -562,13 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", help="source to evaluate on (default: the run's own)")
     rp.add_argument("--out", default=None, help="output HTML (default RUN_DIR/report.html)")
     rp.add_argument("--full", action="store_true", help="also run linear probe, low-shot and per-stage protocols")
-    rp.add_argument("--queries", type=positive_int, default=8)
-    rp.add_argument("-k", type=positive_int, default=20)
-    rp.add_argument("--map", choices=["pca", "tsne"], default="pca")
-    rp.add_argument("--seed", type=seed_int, default=0)
-    rp.add_argument("--batch-size", type=positive_int, default=256)
-    rp.add_argument("--device", default="auto")
-    rp.add_argument("--cache-dir", default=None)
+    rp.add_argument("--queries", type=positive_int, default=8, help="rows of the neighbour grid (default 8)")
+    rp.add_argument("-k", type=positive_int, default=20, help="neighbours per row of the grid (default 20)")
+    rp.add_argument("--map", choices=["pca", "tsne"], default="pca", help="2-D map: pca (fast) or tsne (default pca)")
+    rp.add_argument("--seed", type=seed_int, default=0, help=SEED_HELP)
+    rp.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+    rp.add_argument("--device", default="auto", help=DEVICE_HELP)
+    rp.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     rp.set_defaults(func=cmd_report)
 
     w = sub.add_parser("weights", help="check released NPID/PIC/SeLa weights against our backbones",
@@ -589,10 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--top", type=positive_int, default=10, help="clusters (rows) in the grid (default 10)")
     cl.add_argument("--per-cluster", type=positive_int, default=10, help="images per row (default 10)")
     cl.add_argument("--data", help="training source (default: the run's own)")
-    cl.add_argument("--cache-dir", default=None)
+    cl.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     cl.set_defaults(func=cmd_clusters)
 
-    d = sub.add_parser("data", help="data utilities")
+    d = sub.add_parser("data", help="data utilities (`instdisc data check PATH`)")
+    d.set_defaults(func=lambda _args: _usage(d))  # `instdisc data` alone: data's usage (check overrides func)
     dsub = d.add_subparsers(dest="data_cmd", metavar="ACTION")
     c = dsub.add_parser("check", help="decode every image and report unreadable/truncated/empty files and odd modes")
     c.add_argument("path", help=SOURCES_HELP)

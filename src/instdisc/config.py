@@ -140,6 +140,25 @@ SECTIONS: dict[str, type] = {
 }
 # Augmentation flags are prefixed (--aug-scale, --aug-blur-p) because "size" or "scale" alone are ambiguous.
 PREFIX = {"aug": "aug_"}
+# AugmentConfig is a plain dataclass of the augmentation module (documented there, field by field);
+# the help of its flags lives here, where the flags are made.
+AUG_HELP = {
+    "size": "side of the square crops fed to the network, in pixels (32 for CIFAR, 224 for ImageNet)",
+    "scale": "area range of the random resized crop, as fractions of the image (NPID/MoCo/PIC 0.2 1; SimCLR 0.08 1)",
+    "ratio": "aspect-ratio range (width / height) of the crop, drawn log-uniformly",
+    "flip_p": "probability of a horizontal flip",
+    "jitter_p": "probability of colour jitter (MoCo v2, SimCLR, PIC: 0.8; NPID applied it always: 1)",
+    "brightness": "brightness factor drawn from [1 - b, 1 + b]",
+    "contrast": "contrast factor drawn from [1 - c, 1 + c]",
+    "saturation": "saturation factor drawn from [1 - s, 1 + s]",
+    "hue": "hue shift drawn from [-h, h] turns of the colour wheel, h <= 0.5 (NPID 0.4, MoCo v2 0.1)",
+    "grayscale_p": "probability of converting to greyscale",
+    "blur_p": "probability of a Gaussian blur (MoCo v2/PIC 0.5; off for 32-px images)",
+    "blur_sigma": "range of the blur's standard deviation in pixels",
+    "solarize_p": "probability of solarising (inverting pixels >= 0.5)",
+    "mean": "per-channel mean of the input normalisation (0..1 units)",
+    "std": "per-channel standard deviation of the input normalisation",
+}
 
 
 @dataclass
@@ -261,11 +280,15 @@ def _add_fields(parser: argparse.ArgumentParser, section: str, dc: type, title: 
         tp, _ = _unwrap_optional(hints[f.name])
         origin = typing.get_origin(tp)
         default = getattr(defaults, f.name)
-        help_ = f.metadata.get("help", "")
-        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        if default is None and f.metadata.get("auto"):
-            shown = "chosen for the training set's size, see above"
-        help_ = f"{help_} (default: {shown})" if help_ else f"(default: {shown})"
+        help_ = f.metadata.get("help") or (AUG_HELP.get(f.name, "") if section == "aug" else "")
+        shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) \
+            if isinstance(default, (list, tuple)) else default
+        if "default" in help_.lower() or (default is None and f.metadata.get("auto")):
+            pass  # the help says it already (in words): not twice
+        elif default is None:
+            help_ = f"{help_} (default: none)"
+        else:
+            help_ = f"{help_} (default: {shown})"
         kw: dict[str, Any] = {"dest": _dest(section, f.name), "default": argparse.SUPPRESS, "help": help_}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction

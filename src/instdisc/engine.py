@@ -695,7 +695,10 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
             metrics = {"type": "epoch" if whole else "epoch_part", "epoch": state.epoch, "step": state.step,
                        **epoch_logs, **stats}
             log.write(**metrics)
-            knn = f" kNN top-1 {stats['knn_top1']:.2f}%" if "knn_top1" in stats else ""
+            # The monitor's train side is the method's own memory bank where it keeps one (features
+            # from past epochs' augmented views), else the training set re-embedded now.
+            reads = "memory bank" if method.bank_features() is not None else "train set re-embedded"
+            knn = f" kNN top-1 {stats['knn_top1']:.2f}% ({reads})" if "knn_top1" in stats else ""
             where = f"epoch {state.epoch}/{o.epochs}" if whole else \
                 f"epoch {state.epoch + 1}/{o.epochs} (stopped after step {state.epoch_step}/{spe})"
             dist.print0(f"{where} loss {stats['loss']:.4f}{knn} ({stats['img_per_s']:.0f} img/s, {stats['time_s']:.1f}s)")
