@@ -114,6 +114,9 @@ CASES = [
     ("train --out {d}/t-missing " + TN + " --data", "--data"),
     ("knn --train '' --test {te}", "run directory"),
     ("train --out {d}/t-cfg --config {d}/garbage.pt", "config file"),
+    ("train --out {d}/t-ms " + TN + " --milestones -1", "--milestones"),
+    ("train --out {d}/t-oom " + TN + " --aug-size 100000", "out of memory"),
+    ("train --out {d}/garbage.pt " + TN, "garbage.pt"),
     ("knn {run} --seed -1", "--seed"),
     ("knn {run} --device cuda:99", "--device"),
     ("knn {run} --device banana", "--device"),
@@ -379,3 +382,10 @@ def test_the_knn_monitor_says_what_it_reads(tmp_path, capsys, method, reads):
     assert rc == 0, err
     line = next(ln for ln in out.splitlines() if ln.startswith("epoch 1/1"))
     assert "kNN top-1" in line and reads in line
+
+
+def test_a_tsne_map_of_very_few_points_is_drawn(world, capsys, tmp_path):
+    rc, out, err = run_cli(["map", str(world["run"]), "--out", str(tmp_path / "m.png"), "--method", "tsne",
+                            "--max-points", "3", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "m.png").stat().st_size > 0

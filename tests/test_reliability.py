@@ -48,7 +48,7 @@ SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 def tiny_method_values(name: str) -> dict:
     """Small values for a method's own size hyper-parameters, whatever they are called: every int
     field (or int list entry) whose default is above 32 (embedding size, negatives, queue length,
-    clusters, iteration caps) becomes 16, and GPU-only options are switched off. Methods added later
+    clusters, iteration caps), or left to be chosen for N, becomes 16, and GPU-only options are switched off. Methods added later
     are covered without edits here."""
     values: dict = {}
     default = METHODS[name].Config()
@@ -58,6 +58,8 @@ def tiny_method_values(name: str) -> dict:
             values[f.name] = False
         elif f.name == "num_classes" and v == 0:  # the supervised baseline on synthetic's 10 classes
             values[f.name] = 10
+        elif v is None and f.metadata.get("auto"):  # chosen for N when unset: set, so the sized path runs
+            values[f.name] = [16] if "list" in str(f.type) else 16
         elif isinstance(v, int) and not isinstance(v, bool) and v > 32:
             values[f.name] = 16
         elif isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):

@@ -637,6 +637,15 @@ def _formatwarning(message, category, filename, lineno, line=None) -> str:  # no
     return f"instdisc: warning: {category.__name__}: {text}\n"
 
 
+def _is_out_of_memory(e: BaseException) -> bool:
+    """numpy's and Python's MemoryError, torch's OutOfMemoryError (CUDA), and the plain RuntimeError
+    that torch's CPU allocator raises ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
 # Failures of the machine rather than of the program: a message, not a traceback.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.EIO}
 
@@ -675,4 +684,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({e.filename})" if e.filename else ""
         print(f"instdisc: error: {e.strerror or e}{where}. Free some space or fix the permissions; a training "
               "run's last checkpoint is intact (continue it with --resume).", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - only memory exhaustion is handled here; the rest re-raised
+        if not _is_out_of_memory(e):
+            raise
+        print(f"instdisc: error: out of memory ({' '.join(str(e).split())[:200]}). A value asked for more memory "
+              "than this machine has: lower --batch-size, --aug-size, --image-size or --width (or the data "
+              "size); a training run's last checkpoint is intact (continue it with --resume).", file=sys.stderr)
         return 2

@@ -386,6 +386,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < o.gamma <= 1, f"--gamma must be in (0, 1]; got {o.gamma}"),
         (o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0; got {o.warmup_epochs}"),
         (cfg.model.width >= 1, f"--width must be >= 1; got {cfg.model.width}"),
+        (all(m >= 1 for m in o.milestones), f"--milestones are epoch numbers >= 1; got {o.milestones}"),
         (cfg.data.window >= 0 and cfg.data.stride >= 0, "--window and --stride must be >= 0 (0 = automatic)"),
         (r.knn_k >= 1, f"--knn-k must be >= 1; got {r.knn_k}"),
         (r.knn_t > 0, f"--knn-t must be > 0; got {r.knn_t}"),
