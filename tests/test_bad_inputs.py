@@ -42,6 +42,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 def assert_refused(rc: int, out: str, err: str, needle: str = "") -> None:
     assert rc == 2, (rc, out, err)
     assert "Traceback" not in err and "Traceback" not in out
+    assert "weights_only" not in err  # torch's advice to unpickle whatever the file holds
     # warnings and progress lines (work done before a data-dependent check) are not the message
     lines = [ln for ln in err.strip().splitlines()
              if not ln.startswith("instdisc: warning:") and not PROGRESS.search(ln)]
@@ -77,6 +78,8 @@ def world(tmp_path_factory):
     ck["model"][key][0, 0, 0, 0] = float("nan")
     torch.save(ck, nanrun / "checkpoints" / "last.pt")
     (nanrun / "config.json").write_text(json.dumps(ck["config"]))
+    (d / "garbagerun" / "checkpoints").mkdir(parents=True)
+    (d / "garbagerun" / "checkpoints" / "last.pt").write_bytes(b"\x00garbage" * 100)
     # a "checkpoint" that pickles a Python object: torch's refusal advises weights_only=False
     pickled = d / "pickled" / "checkpoints"
     pickled.mkdir(parents=True)
@@ -142,6 +145,8 @@ CASES = [
     ("knn {d}/garbage.pt", "garbage.pt"),
     ("embed {d}/garbage.pt --out {d}/e.npy", "garbage.pt"),
     ("knn {d}/pickled", "Python objects"),
+    ("knn {d}/garbagerun", "is unreadable"),
+    ("train --out {d}/garbagerun --resume", "is unreadable"),
     ("weights {d}/garbage.pt", "garbage.pt"),
     ("train --out {d}/pickled --resume", "Python objects"),
     ("data check {d}/missing-folder", "not found"),

@@ -129,17 +129,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return _first_line_of(str(e))
+
+
+def _first_line_of(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
 
 
 def _read(path: Path) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
-            raise CheckpointError(f"checkpoint {str(path)!r} is unreadable (not a PyTorch file: {_first_line(e)}).") from None
-        # torch's message goes on to advise weights_only=False, i.e. running whatever code the file
-        # holds: never the right advice for a file that claims to be our checkpoint.
+        # torch's weights-only messages go on to advise weights_only=False, i.e. running whatever
+        # code the file holds: never the right advice for a file that claims to be our checkpoint.
+        text = str(e)
+        if "Unsupported global" not in text:
+            detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is unreadable (corrupt, or not a PyTorch file: {_first_line_of(detail)})."
+            ) from None
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds Python objects besides tensors, numbers and strings, so instdisc did "
             "not write it (or it was altered); it is not loaded, because unpickling such objects can run code. "
