@@ -237,10 +237,19 @@ def test_data_check_and_the_loader_judge_a_pic_zip_alike(tmp_path, capsys):
                 Image.new("RGB", (side, side), (i * 40, 0, 0)).save(buf, "PNG")
                 zf.writestr(f"n{i % 2}/{i}.png", buf.getvalue())
         (root / "train_map.txt").write_text("".join(f"n{i % 2}/{i}.png\t{i % 2}\n" for i in range(4)) + "n1/ghost.png\t1\n")
-        report = check_source(str(root), progress=False)
-        assert not report.ok() and [r for _, r in report.bad] == ["missing from the archive"]
-        with pytest.raises(DataError, match="ghost.png"):
-            open_source(str(root), "train", cache_dir=tmp_path / "cache", progress=False)
+        # the folder or its zip: the same plan (the zip alone would be an archive without the map)
+        for spec in (root, root / "train.zip"):
+            report = check_source(str(spec), progress=False)
+            assert not report.ok() and [r for _, r in report.bad] == ["missing from the archive"], spec
+            with pytest.raises(DataError, match="ghost.png") as e:
+                open_source(str(spec), "train", cache_dir=tmp_path / "cache", progress=False)
+            if side == 8:  # decoded at open: the message sends the user to the check of the folder
+                assert f"instdisc data check {root}`" in str(e.value)
+    # a complete map read through the zip's name keeps the map's order (not the zip's folder order)
+    root = tmp_path / "pic8"
+    (root / "train_map.txt").write_text("n1/3.png\t1\nn0/0.png\t0\nn1/1.png\t1\nn0/2.png\t0\n")
+    ims = open_source(str(root / "train.zip"), "train", cache_dir=tmp_path / "cache", progress=False)
+    assert list(ims.labels) == [1, 0, 1, 0] and ims.images[0].max() == 120  # image 3 first
 
 
 def test_milestones_past_the_end_warn(tmp_path, capsys):

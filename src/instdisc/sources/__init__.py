@@ -153,6 +153,7 @@ from instdisc.sources.layouts import (
     _imagefolder,
     _is_pic_dir,
     _pic_files,
+    _pic_root,
     _pic_selection,
     _Selection,
     _split_base,
@@ -241,6 +242,7 @@ def open_source(
     if not path.exists():
         raise _missing_path_error(spec, path)
     path = path.resolve()
+    path = _pic_root(path) or path
     name = str(path)
     if path.is_dir():
         if _is_pic_dir(path):
@@ -388,7 +390,7 @@ def _materialise(
             meta=meta,
         )
     images, extra = _decode_to_array(
-        tree, sel, image_size, progress=progress, desc=f"decode {Path(name).name} [{split}]"
+        tree, sel, image_size, progress=progress, desc=f"decode {Path(name).name} [{split}]", source=name
     )
     return _save_arrays(
         cache, key, images, sel.labels, sel.classes, name=name, split=split, meta={**meta, **extra}
@@ -477,6 +479,7 @@ def _plan_file_source(
     if not path.exists():
         raise _missing_path_error(spec, path)
     path = path.resolve()
+    path = _pic_root(path) or path  # as open_source reads it
     if path.is_dir() and _is_pic_dir(path):
         plans = []
         for split in SPLITS:

@@ -106,8 +106,10 @@ def _decode_to_array(
     *,
     progress: bool,
     desc: str,
+    source: str | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode a whole split into one ``(N, H, W, 3)`` array (raising DataError on any bad file)."""
+    """Decode a whole split into one ``(N, H, W, 3)`` array (raising DataError on any bad file).
+    `source` is what the user gave (PIC's folder rather than its zip), for the message."""
     unique = list(dict.fromkeys(sel.names))
     decoded: dict[str, np.ndarray] = {}
     bad: list[tuple[str, str]] = []
@@ -119,7 +121,7 @@ def _decode_to_array(
     if bad:
         rank = {tree.display(n): i for i, n in enumerate(unique)}
         bad.sort(key=lambda b: rank.get(b[0], -1))  # report in dataset order
-        raise _bad_files_error(str(tree.path), bad, len(unique))
+        raise _bad_files_error(source or str(tree.path), bad, len(unique))
     sizes = Counter(a.shape[:2] for a in decoded.values())
     if image_size:
         target = (image_size, image_size)
