@@ -50,7 +50,8 @@ a directory
     * CIFAR python batches (the batch folder itself or its parent) -- detected from the contents;
     * PIC's zipped layout: ``train.zip`` + ``train_map.txt`` (and ``val.zip`` + ``val_map.txt``
       for ``test``); lines are ``relative/path<TAB>label``; the map's line order is the index
-      order; images are read from the zip without extracting;
+      order; images are read from the zip without extracting; naming ``train.zip`` itself (next to
+      its map) means the same layout;
     * an ImageFolder: ``train/<class>/<files>`` and ``test/<class>/<files>`` (``test`` falls back
       to ``val/``), or, without split folders, ``<class>/<files>`` as the train split only. A
       folder holding only images (no class folders) is an unlabelled source (``labels is None``).
