@@ -136,6 +136,7 @@ CASES = [
     ("neighbors {run} --out {d}/nn.png --ids 99999", "outside the test set"),
     ("map {run} --out {d}/m.png --max-points 0", "--max-points"),
     ("report {run} --out {d}", "--out"),
+    ("report {run} --data {d}/missing-folder", "not found"),
     ("clusters {run} --top 0", "--top"),
     ("demo --epochs 0", "--epochs"),
     # wrong kind of file

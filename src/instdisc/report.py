@@ -308,6 +308,8 @@ def build_report(
         ev = E.features_for(str(run), data=data, kind="embedding", device=device, batch_size=batch_size,
                             cache_dir=cache_dir, progress=progress)
     except UserError as e:
+        if data:  # a source the user asked for, that cannot be evaluated: an error, not a footnote
+            raise
         notes.append(f"no features, so no neighbours, map or kNN table: {e}")
     if ev is not None:
         rows = E.knn_table(ev.train_x, ev.train_y, ev.test_x, ev.test_y, ks=E.DEFAULT_KS,
