@@ -149,6 +149,8 @@ CASES = [
     ("knn {d}/garbagerun", "is unreadable"),
     ("train --out {d}/garbagerun --resume", "is unreadable"),
     ("weights {d}/garbage.pt", "garbage.pt"),
+    ("weights {d}/garbage.pt --layout banana", "--layout"),
+    ("knn {run} --layout banana", "--layout"),
     ("train --out {d}/pickled --resume", "Python objects"),
     ("data check {d}/missing-folder", "not found"),
     ("data check {d}/garbage.pt", "garbage.pt"),

@@ -131,6 +131,15 @@ def _save_image(img, path: str) -> None:  # noqa: ANN001
         raise UserError(f"--out: cannot write {path!r}: {e.strerror or e}.") from None
 
 
+def layout_name(text: str) -> str:
+    """argparse type: a known layout of released weights (instdisc.published.LAYOUTS)."""
+    from instdisc.published import LAYOUTS
+
+    if text not in LAYOUTS:
+        raise argparse.ArgumentTypeError(f"unknown layout {text!r}; choose one of {', '.join(LAYOUTS)}")
+    return text
+
+
 def _pre_parse(argv: Sequence[str]) -> tuple[str, str | None]:
     """The method decides which flags exist, and may come from the config file: find it first."""
     from instdisc.config import load_preset
@@ -496,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--features", choices=["embedding", "backbone"], default=kind,
                            help=f"embedding (the method's normalised output) or backbone (pooled trunk) (default {kind})")
         q.add_argument("--data", help="source to evaluate on (default: the run's own; required for released weights)")
-        q.add_argument("--layout", default=None, help="layout of released weights (default: detected)")
+        q.add_argument("--layout", default=None, type=layout_name, help="layout of released weights (default: detected)")
         q.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
         q.add_argument("--device", default="auto", help=DEVICE_HELP)
         q.add_argument("--cache-dir", default=None, help=CACHE_HELP)
@@ -591,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "lemniscate, lemniscate-cifar, pic, sela, sela-v1 (sela-v2, sela-alexnet: "
                                    "recognised). See docs/evaluation.md.")
     w.add_argument("path", help="checkpoint file")
-    w.add_argument("--layout", default=None, help="force a layout (default: detected)")
+    w.add_argument("--layout", default=None, type=layout_name, help="force a layout (default: detected)")
     w.set_defaults(func=cmd_weights)
 
     cl = sub.add_parser("clusters", help="a SeLa run's pseudo-labels: NMI/ARI/purity/accuracy, .npy per head, PNG grid",
