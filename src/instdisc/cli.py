@@ -23,9 +23,8 @@ from pathlib import Path
 
 from instdisc.errors import InstdiscWarning, PeerError, UserError
 
-SEED_MAX = 2**32 - 1
 LINEAR_LRS = (0.001, 0.01, 0.1, 1.0)  # the cached-feature probe's grid (docs/evaluation.md)
-AUGMENTED_LR = 0.1  # the augmented probe's one lr (docs/evaluation.md)  # numpy's limit (torch's is larger)
+AUGMENTED_LR = 0.1  # the augmented probe's one lr (docs/evaluation.md)
 
 BATCH_HELP = "images per forward pass when embedding (default 256)"
 DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N (default auto)"
@@ -98,6 +97,8 @@ def min2_int(text: str) -> int:
 
 def seed_int(text: str) -> int:
     """argparse type: a seed numpy and torch both accept."""
+    from instdisc.config import SEED_MAX
+
     return _integer(text, 0, SEED_MAX)
 
 

@@ -138,6 +138,8 @@ SECTIONS: dict[str, type] = {
     "aug": AugmentConfig,
     "run": RunConfig,
 }
+SEED_MAX = 2**32 - 1  # numpy's limit on seeds (torch's is larger): every --seed is checked against it
+
 # Augmentation flags are prefixed (--aug-scale, --aug-blur-p) because "size" or "scale" alone are ambiguous.
 PREFIX = {"aug": "aug_"}
 # AugmentConfig is a plain dataclass of the augmentation module (documented there, field by field);
@@ -371,7 +373,7 @@ def validate(cfg: TrainConfig) -> None:
     o, r = cfg.optim, cfg.run
     min_batch = getattr(METHODS[r.method], "min_batch_size", 1)
     checks = [
-        (0 <= r.seed <= 2**32 - 1, f"--seed must be in [0, 2**32 - 1]; got {r.seed}"),
+        (0 <= r.seed <= SEED_MAX, f"--seed must be in [0, 2**32 - 1]; got {r.seed}"),
         (o.batch_size >= min_batch,
          f"--batch-size must be >= {min_batch} for --method {r.method} (each image's negatives are the other "
          f"images of the batch: with fewer there are none and the loss is 0); got {o.batch_size}"),
