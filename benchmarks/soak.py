@@ -55,6 +55,8 @@ def tiny_method_flags(name: str) -> list[str]:
             out.append(f"--no-{flag}")
         elif f.name == "num_classes" and v == 0:  # the supervised baseline on synthetic's 10 classes
             out += [f"--{flag}", "10"]
+        elif v is None and f.metadata.get("auto"):  # chosen for N when unset: set, as before
+            out += [f"--{flag}", "16"]
         elif isinstance(v, int) and not isinstance(v, bool) and v > 32:
             out += [f"--{flag}", "16"]
         elif isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):

@@ -315,12 +315,16 @@ def test_supervised_and_clusters_user_errors(tmp_path, monkeypatch, capsys):
     floats = tmp_path / "floats.npy"
     np.save(floats, np.zeros(96, dtype=np.float32))
     for extra, msg in [(["--labels", str(short)], "expected (96,)"), (["--labels", str(floats)], "integers"),
-                       (["--labels", str(tmp_path / "none.npy")], "does not exist"), ([], "--num-classes")]:
+                       (["--labels", str(tmp_path / "none.npy")], "does not exist")]:
         capsys.readouterr()
         code = main(["train", "--method", "supervised", "--out", str(tmp_path / "x"), "--epochs", "1",
                      "--overwrite", *extra, *COMMON])
         err = capsys.readouterr().err
         assert code == 2 and msg in err and "Traceback" not in err, err
+    # ground truth without --num-classes: the training split's classes (no longer an error)
+    assert main(["train", "--method", "supervised", "--out", str(tmp_path / "x"), "--epochs", "1", "--overwrite",
+                 *COMMON]) == 0
+    assert "--num-classes 10 (the training split's classes)" in capsys.readouterr().out
     npid = tmp_path / "npid"
     assert main(["train", "--method", "npid", "--nce-k", "8", "--out", str(npid), "--epochs", "1", *COMMON]) == 0
     capsys.readouterr()

@@ -158,31 +158,32 @@ class AugmentConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check ranges; raises ``ValueError`` naming the offending field."""
+        """Check ranges; raises ``ValueError`` naming the offending field by its command-line
+        flag (``--aug-<field>``), which is how users set it."""
 
         def _pair(name: str, lo_min: float) -> None:
             lo, hi = getattr(self, name)
             if not (lo_min <= lo <= hi):
-                raise ValueError(f"AugmentConfig.{name} must satisfy {lo_min} <= lo <= hi, got {(lo, hi)}")
+                raise ValueError(f"--aug-{name.replace('_', '-')} must satisfy {lo_min} <= lo <= hi, got {(lo, hi)}")
 
         if int(self.size) != self.size or self.size < 1:
-            raise ValueError(f"AugmentConfig.size must be a positive integer, got {self.size!r}")
+            raise ValueError(f"--aug-size must be a positive integer, got {self.size!r}")
         _pair("scale", 0.0)
         if self.scale[1] <= 0:
-            raise ValueError(f"AugmentConfig.scale upper bound must be > 0, got {self.scale}")
+            raise ValueError(f"--aug-scale upper bound must be > 0, got {self.scale}")
         _pair("ratio", 1e-6)
         _pair("blur_sigma", 1e-6)
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"AugmentConfig.{name} must be in [0, 1], got {p}")
+                raise ValueError(f"--aug-{name.replace('_', '-')} must be in [0, 1], got {p}")
         for name in ("brightness", "contrast", "saturation"):
             if getattr(self, name) < 0:
-                raise ValueError(f"AugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"--aug-{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"AugmentConfig.hue must be in [0, 0.5], got {self.hue}")
+            raise ValueError(f"--aug-hue must be in [0, 0.5], got {self.hue}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"AugmentConfig.mean/std must be 3 values with std > 0, got {self.mean}, {self.std}")
+            raise ValueError(f"--aug-mean/--aug-std must be 3 values with std > 0, got {self.mean}, {self.std}")
 
 
 def identity_config(

@@ -13,6 +13,8 @@ untouched. Everything inside is tensors, numbers, strings, lists and dicts:
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -85,13 +87,30 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
         _rotate(last, prev)
         os.replace(tmp, last)
         _fsync_dir(d)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write (ENOSPC, EDQUOT, EIO) from its C++ stream writer as a
+        # RuntimeError ("unexpected pos ...", "file write failed"), not as the OSError behind it.
         tmp.unlink(missing_ok=True)
         raise UserError(
-            f"could not write a checkpoint to {str(d)!r}: {e.strerror or e}. The previous checkpoint "
+            f"could not write a checkpoint to {str(d)!r}: {write_failure(e, d)}. The previous checkpoint "
             "is untouched; free some space or fix the permissions and continue with --resume."
         ) from None
     return last
+
+
+def write_failure(e: BaseException, where: Path) -> str:
+    """Why a write into the folder `where` failed, in words: the OSError's own reason, or, for
+    torch's RuntimeError (which drops the errno), what the file system says now."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if free is not None and free < 1 << 20:
+        return f"no space left on the device ({free:,} bytes free; torch: {first})"
+    return f"the write failed (torch: {first})"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -99,7 +118,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -109,12 +128,34 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise UserError(f"could not write {str(p)!r}: {e.strerror or e}.") from None
 
 
+def _first_line(e: BaseException) -> str:
+    return _first_line_of(str(e))
+
+
+def _first_line_of(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle errors, garbage, vanished file: all "unreadable"
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}: {first}).") from None
+    except pickle.UnpicklingError as e:
+        # torch's weights-only messages go on to advise weights_only=False, i.e. running whatever
+        # code the file holds: never the right advice for a file that claims to be our checkpoint.
+        text = str(e)
+        if "Unsupported global" not in text:
+            detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is unreadable (corrupt, or not a PyTorch file: {_first_line_of(detail)})."
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds Python objects besides tensors, numbers and strings, so instdisc did "
+            "not write it (or it was altered); it is not loaded, because unpickling such objects can run code. "
+            "Released weights of another project are read by `instdisc weights FILE` or as FILE.pth, not as a run."
+        ) from None
+    except Exception as e:  # truncated zip, garbage, vanished file: all "unreadable"
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}: {_first_line(e)}).") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or "config" not in ck or "model" not in ck:
         raise CheckpointError(f"{str(path)!r} is not an instdisc checkpoint.")
     return ck

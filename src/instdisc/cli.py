@@ -15,12 +15,22 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from instdisc.errors import InstdiscWarning, PeerError, UserError
+
+LINEAR_LRS = (0.001, 0.01, 0.1, 1.0)  # the cached-feature probe's grid (docs/evaluation.md)
+AUGMENTED_LR = 0.1  # the augmented probe's one lr (docs/evaluation.md)
+
+BATCH_HELP = "images per forward pass when embedding (default 256)"
+DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N (default auto)"
+CACHE_HELP = "decoded-image cache (default $INSTDISC_CACHE or ~/.cache/instdisc)"
+SEED_HELP = "seed of the random draws (default 0)"
 
 SOURCES_HELP = (
     "digits (scikit-learn's bundled handwritten digits), synthetic[:N], cifar10, cifar100, a folder "
@@ -29,11 +39,114 @@ SOURCES_HELP = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose refusals are one line, like our other errors (no usage block:
+    for `train` it would be forty lines above the one that matters)."""
+
+    def error(self, message: str):  # noqa: ANN201 - argparse's signature
+        self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
+
+
+def _number(text: str, *, low: float, low_ok: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if value < low or (value == low and not low_ok):
+        raise argparse.ArgumentTypeError(f"must be {'>=' if low_ok else '>'} {low:g}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rates, temperatures, C)."""
+    return _number(text, low=0.0, low_ok=False)
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (weight decay)."""
+    return _number(text, low=0.0, low_ok=True)
+
+
+def _integer(text: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(
+            f"must be {'>= ' + str(low) if high is None else f'in [{low}, {high}]'}, got {text!r}"
+        )
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (epochs, batch sizes, counts)."""
+    return _integer(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (indices)."""
+    return _integer(text, 0)
+
+
+def min2_int(text: str) -> int:
+    """argparse type: a whole number >= 2 (points of a 2-D map)."""
+    return _integer(text, 2)
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed numpy and torch both accept."""
+    from instdisc.config import SEED_MAX
+
+    return _integer(text, 0, SEED_MAX)
+
+
+def image_path(text: str) -> str:
+    """argparse type: an output picture whose extension Pillow can write (.png, .jpg, ...)."""
+    from PIL import Image
+
+    Image.init()
+    ext = os.path.splitext(text)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a picture file name Pillow can write; end it with .png")
+    return text
+
+
+def _writable_parent(path: str) -> None:
+    """--out's folder exists (or is made) and takes files: checked before minutes of work."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot write {path!r}: {e.strerror or e} ({str(parent)!r}).") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out: cannot write {path!r}: the folder {str(parent)!r} is not writable.")
+
+
+def _save_image(img, path: str) -> None:  # noqa: ANN001
+    try:
+        img.save(path)
+    except OSError as e:
+        raise UserError(f"--out: cannot write {path!r}: {e.strerror or e}.") from None
+
+
+def layout_name(text: str) -> str:
+    """argparse type: a known layout of released weights (instdisc.published.LAYOUTS)."""
+    from instdisc.published import LAYOUTS
+
+    if text not in LAYOUTS:
+        raise argparse.ArgumentTypeError(f"unknown layout {text!r}; choose one of {', '.join(LAYOUTS)}")
+    return text
+
+
 def _pre_parse(argv: Sequence[str]) -> tuple[str, str | None]:
     """The method decides which flags exist, and may come from the config file: find it first."""
     from instdisc.config import load_preset
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("--method", dest="run.method", default=None)
     pre.add_argument("--config", default=None)
     ns, _ = pre.parse_known_args(argv)
@@ -47,7 +160,7 @@ def _train_parser(method: str) -> argparse.ArgumentParser:
     from instdisc.config import add_train_arguments
     from instdisc.methods import METHODS
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="instdisc train",
         description=(
             f"Train a self-supervised model. Flags shown are those of --method {method}; "
@@ -153,12 +266,13 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 def _load_run(path: str, device: str):
     """Checkpoint -> (method in eval mode on device, its TrainConfig)."""
-    import torch
 
     from instdisc.checkpoint import load_checkpoint
     from instdisc.config import TrainConfig
+    from instdisc.dist import resolve_device
     from instdisc.engine import build_method
     from instdisc.errors import CheckpointError
+    from instdisc.evaluate.subject import require_finite_weights
 
     ck = load_checkpoint(path)
     cfg = TrainConfig.from_dict(ck["config"])
@@ -167,9 +281,8 @@ def _load_run(path: str, device: str):
         method.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path!r} does not match its own config: {str(e).splitlines()[0]}") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    require_finite_weights(method, repr(str(path)))
+    dev = resolve_device(device)
     return method.to(dev).eval(), cfg, dev
 
 
@@ -240,15 +353,18 @@ def cmd_linear(args: argparse.Namespace) -> int:
         te = open_images(subject, args.data, "test", cache_dir=args.cache_dir, progress=True)
         if args.norm == "none":
             raise UserError("--augmented supports --norm bn or l2 (a BatchNorm or unit rows before the classifier).")
+        if args.lr is not None and len(args.lr) > 1:
+            raise UserError("--augmented trains one classifier (no held-out grid search): give one --lr "
+                            f"(default {AUGMENTED_LR:g}); got {' '.join(f'{v:g}' for v in args.lr)}.")
         res = linear_probe_augmented(subject, tr, te, norm=args.norm,
-                                     lr=args.lr[0], epochs=args.epochs, batch_size=args.probe_batch_size,
+                                     lr=args.lr[0] if args.lr else AUGMENTED_LR, epochs=args.epochs, batch_size=args.probe_batch_size,
                                      weight_decay=args.weight_decay, seed=args.seed, progress=True)
         save_dir = subject.run_dir / "eval" if subject.run_dir is not None else None
         name = "linear_augmented"
     else:
         ev = _features(args, args.features)
         res = linear_probe(ev.train_x, ev.train_y, ev.test_x, ev.test_y, num_classes=ev.num_classes,
-                           norm=args.norm, lrs=args.lr, epochs=args.epochs, batch_size=args.probe_batch_size,
+                           norm=args.norm, lrs=args.lr or LINEAR_LRS, epochs=args.epochs, batch_size=args.probe_batch_size,
                            weight_decay=args.weight_decay, seed=args.seed)
         save_dir, name = ev.save_dir, "linear" if args.features == "backbone" else f"linear_{args.features}"
     save_result(save_dir, name, {"features": "backbone" if args.augmented else args.features, **res})
@@ -287,9 +403,10 @@ def cmd_stages(args: argparse.Namespace) -> int:
 def cmd_neighbors(args: argparse.Namespace) -> int:
     from instdisc.report import neighbour_figure
 
+    _writable_parent(args.out)
     ev = _features(args, "embedding")
     img, caption = neighbour_figure(ev, queries=args.queries, k=args.k, seed=args.seed, indices=args.ids)
-    img.save(args.out)
+    _save_image(img, args.out)
     print(caption)
     print(f"wrote {args.out}")
     return 0
@@ -298,10 +415,11 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
 def cmd_map(args: argparse.Namespace) -> int:
     from instdisc.report import map_figure
 
+    _writable_parent(args.out)
     ev = _features(args, "embedding")
     img, caption = map_figure(ev.test_x, ev.test_y, ev.classes, method=args.method, max_points=args.max_points,
                               seed=args.seed)
-    img.save(args.out)
+    _save_image(img, args.out)
     print(caption)
     print(f"wrote {args.out}")
     return 0
@@ -357,18 +475,26 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok() else 1
 
 
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from instdisc.demo import run_demo
 
-    run_demo(out=args.out, epochs=args.epochs, overwrite=True)
+    run_demo(out=args.out, epochs=args.epochs, overwrite=args.overwrite)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="instdisc",
         description="Self-supervised visual features by instance discrimination (NPID), and their evaluation.",
     )
+    from instdisc import __version__
+
+    p.add_argument("--version", action="version", version=f"instdisc {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.add_parser("train", help="train a model (see `instdisc train --help`)", add_help=False)
 
@@ -378,11 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the source has files) and FILE.meta.json.")
     e.add_argument("run", help="run directory or checkpoint file")
     e.add_argument("--data", help=f"source to embed (default: the run's training source): {SOURCES_HELP}")
-    e.add_argument("--split", choices=["train", "test"], default="test")
+    e.add_argument("--split", choices=["train", "test"], default="test", help="which split (default test)")
     e.add_argument("--out", required=True, help="output FILE.npy")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--cache-dir", default=None)
+    e.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
+    e.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     e.set_defaults(func=cmd_embed)
 
     def features_args(q: argparse.ArgumentParser, *, files: bool = True, kind: str | None = None) -> None:
@@ -395,12 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--features", choices=["embedding", "backbone"], default=kind,
                            help=f"embedding (the method's normalised output) or backbone (pooled trunk) (default {kind})")
         q.add_argument("--data", help="source to evaluate on (default: the run's own; required for released weights)")
-        q.add_argument("--layout", default=None, help="layout of released weights (default: detected)")
-        q.add_argument("--batch-size", type=int, default=256, help="images per forward pass when embedding")
-        q.add_argument("--device", default="auto")
-        q.add_argument("--cache-dir", default=None, help="decoded-image cache")
+        q.add_argument("--layout", default=None, type=layout_name, help="layout of released weights (default: detected)")
+        q.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+        q.add_argument("--device", default="auto", help=DEVICE_HELP)
+        q.add_argument("--cache-dir", default=None, help=CACHE_HELP)
         q.add_argument("--no-cache", action="store_true", help="do not reuse or write RUN_DIR/eval/features")
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=seed_int, default=0, help=SEED_HELP)
 
     k = sub.add_parser("knn", help="weighted kNN sweep over k and t, of a run or of exported features",
                        description="Weighted kNN (NPID): top-k cosine neighbours vote with weights exp(s/t); every "
@@ -408,8 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "RUN_DIR/eval/knn.json. The last line printed is the top-1 accuracy (percent) "
                                    "of the last k and t alone, for scripts.")
     features_args(k, kind="embedding")
-    k.add_argument("-k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (default 10 20 100 200)")
-    k.add_argument("-t", type=float, nargs="+", default=[0.07], help="temperatures of the weights (default 0.07)")
+    k.add_argument("-k", type=positive_int, nargs="+", default=[10, 20, 100, 200], help="neighbours (default 10 20 100 200)")
+    k.add_argument("-t", type=positive_float, nargs="+", default=[0.07], help="temperatures of the weights (default 0.07)")
     k.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto",
                    help="neighbour search; auto = faiss (if installed) for banks of 2,000,000+ rows")
     k.set_defaults(func=cmd_knn)
@@ -423,10 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
     features_args(li, kind="backbone")
     li.add_argument("--norm", choices=["bn", "l2", "none"], default="bn",
                     help="input normalisation: bn = standardise with training statistics, l2 = unit rows (default bn)")
-    li.add_argument("--lr", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0], help="learning rate(s) to choose from")
-    li.add_argument("--epochs", type=int, default=100)
-    li.add_argument("--probe-batch-size", type=int, default=256)
-    li.add_argument("--weight-decay", type=float, default=0.0)
+    li.add_argument("--lr", type=positive_float, nargs="+", default=None,
+                    help="learning rate(s): the grid the cached-feature probe picks from on a held-out 10%% "
+                         f"(default {' '.join(f'{v:g}' for v in LINEAR_LRS)}), or the one lr of --augmented (there "
+                         f"{AUGMENTED_LR:g})")
+    li.add_argument("--epochs", type=positive_int, default=100, help="epochs of the classifier (default 100)")
+    li.add_argument("--probe-batch-size", type=positive_int, default=256, help="batch of the classifier's SGD (default 256)")
+    li.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="weight decay of the classifier (default 0)")
     li.add_argument("--augmented", action="store_true", help="train on augmented images through the backbone")
     li.set_defaults(func=cmd_linear)
 
@@ -434,37 +563,37 @@ def build_parser() -> argparse.ArgumentParser:
                         description="For each k, --draws seeded random draws of k training images per class, a "
                                     "linear classifier on L2-normalised frozen features; mean +- std top-1.")
     features_args(lo, kind="backbone")
-    lo.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96])
-    lo.add_argument("--draws", type=int, default=5)
-    lo.add_argument("--classifier", choices=["svm", "logreg"], default="svm")
-    lo.add_argument("-C", type=float, default=1.0, help="inverse regularisation of the classifier (default 1)")
-    lo.add_argument("--norm", choices=["l2", "bn", "none"], default="l2")
+    lo.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96], help="labelled training images per class, k (default 1 2 4 8 16 32 64 96)")
+    lo.add_argument("--draws", type=positive_int, default=5, help="seeded random draws per k (default 5)")
+    lo.add_argument("--classifier", choices=["svm", "logreg"], default="svm", help="linear SVM or logistic regression (default svm)")
+    lo.add_argument("-C", type=positive_float, default=1.0, help="inverse regularisation of the classifier (default 1)")
+    lo.add_argument("--norm", choices=["l2", "bn", "none"], default="l2", help="input normalisation of the features (default l2)")
     lo.set_defaults(func=cmd_lowshot)
 
     st = sub.add_parser("stages", help="linear probe and kNN on the pooled output of each ResNet stage")
     features_args(st, files=False)
-    st.add_argument("--epochs", type=int, default=100)
-    st.add_argument("--norm", choices=["bn", "l2", "none"], default="bn")
-    st.add_argument("--lr", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
-    st.add_argument("--knn-k", type=int, default=200)
-    st.add_argument("--knn-t", type=float, default=0.07)
+    st.add_argument("--epochs", type=positive_int, default=100, help="epochs of each stage's linear probe (default 100)")
+    st.add_argument("--norm", choices=["bn", "l2", "none"], default="bn", help="input normalisation of the probes (default bn)")
+    st.add_argument("--lr", type=positive_float, nargs="+", default=list(LINEAR_LRS), help="learning rates the probes pick from on a held-out 10%% (default 0.001 0.01 0.1 1)")
+    st.add_argument("--knn-k", type=positive_int, default=200, help="neighbours of the per-stage kNN (default 200)")
+    st.add_argument("--knn-t", type=positive_float, default=0.07, help="temperature of the kNN weights exp(s/t) (default 0.07)")
     st.set_defaults(func=cmd_stages)
 
     nb = sub.add_parser("neighbors", help="PNG grid: test queries and their nearest training images",
                         description="Each row: a test image (blue frame) then its -k nearest training images by "
                                     "cosine similarity of the embedding, framed green (same label) or red.")
     features_args(nb, files=False)
-    nb.add_argument("--out", required=True, help="output PNG")
-    nb.add_argument("--ids", type=int, nargs="+", default=None, help="test indices to query (default: random)")
-    nb.add_argument("--queries", type=int, default=8, help="number of random queries (default 8)")
-    nb.add_argument("-k", type=int, default=20, help="neighbours per query (default 20)")
+    nb.add_argument("--out", required=True, type=image_path, help="output picture (.png)")
+    nb.add_argument("--ids", type=nonnegative_int, nargs="+", default=None, help="test indices to query (default: random)")
+    nb.add_argument("--queries", type=positive_int, default=8, help="number of random queries (default 8)")
+    nb.add_argument("-k", type=positive_int, default=20, help="neighbours per query (default 20)")
     nb.set_defaults(func=cmd_neighbors)
 
     mp = sub.add_parser("map", help="PNG: 2-D map (PCA or t-SNE) of the test embedding, coloured by label")
     features_args(mp, files=False)
-    mp.add_argument("--out", required=True, help="output PNG")
+    mp.add_argument("--out", required=True, type=image_path, help="output picture (.png)")
     mp.add_argument("--method", choices=["pca", "tsne"], default="pca", help="pca (fast) or tsne (default pca)")
-    mp.add_argument("--max-points", type=int, default=2000)
+    mp.add_argument("--max-points", type=min2_int, default=2000, help="test images drawn (seeded) into the map (default 2000)")
     mp.set_defaults(func=cmd_map)
 
     rp = sub.add_parser("report", help="self-contained HTML report of a run (RUN_DIR/report.html)")
@@ -472,13 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", help="source to evaluate on (default: the run's own)")
     rp.add_argument("--out", default=None, help="output HTML (default RUN_DIR/report.html)")
     rp.add_argument("--full", action="store_true", help="also run linear probe, low-shot and per-stage protocols")
-    rp.add_argument("--queries", type=int, default=8)
-    rp.add_argument("-k", type=int, default=20)
-    rp.add_argument("--map", choices=["pca", "tsne"], default="pca")
-    rp.add_argument("--seed", type=int, default=0)
-    rp.add_argument("--batch-size", type=int, default=256)
-    rp.add_argument("--device", default="auto")
-    rp.add_argument("--cache-dir", default=None)
+    rp.add_argument("--queries", type=positive_int, default=8, help="rows of the neighbour grid (default 8)")
+    rp.add_argument("-k", type=positive_int, default=20, help="neighbours per row of the grid (default 20)")
+    rp.add_argument("--map", choices=["pca", "tsne"], default="pca", help="2-D map: pca (fast) or tsne (default pca)")
+    rp.add_argument("--seed", type=seed_int, default=0, help=SEED_HELP)
+    rp.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+    rp.add_argument("--device", default="auto", help=DEVICE_HELP)
+    rp.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     rp.set_defaults(func=cmd_report)
 
     w = sub.add_parser("weights", help="check released NPID/PIC/SeLa weights against our backbones",
@@ -487,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "lemniscate, lemniscate-cifar, pic, sela, sela-v1 (sela-v2, sela-alexnet: "
                                    "recognised). See docs/evaluation.md.")
     w.add_argument("path", help="checkpoint file")
-    w.add_argument("--layout", default=None, help="force a layout (default: detected)")
+    w.add_argument("--layout", default=None, type=layout_name, help="force a layout (default: detected)")
     w.set_defaults(func=cmd_weights)
 
     ex = sub.add_parser("export", help="write a run's (or released weights') backbone for torchvision, timm, "
@@ -509,22 +638,25 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(int64, row i = training image i) and RUN_DIR/clusters/head{h}.png (the purest "
                                     "clusters first, one row of sample images each).")
     cl.add_argument("run", help="SeLa run directory or checkpoint")
-    cl.add_argument("--head", type=int, nargs="+", default=None, help="heads to report (default: all)")
-    cl.add_argument("--top", type=int, default=10, help="clusters (rows) in the grid (default 10)")
-    cl.add_argument("--per-cluster", type=int, default=10, help="images per row (default 10)")
+    cl.add_argument("--head", type=nonnegative_int, nargs="+", default=None, help="heads to report (default: all)")
+    cl.add_argument("--top", type=positive_int, default=10, help="clusters (rows) in the grid (default 10)")
+    cl.add_argument("--per-cluster", type=positive_int, default=10, help="images per row (default 10)")
     cl.add_argument("--data", help="training source (default: the run's own)")
-    cl.add_argument("--cache-dir", default=None)
+    cl.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     cl.set_defaults(func=cmd_clusters)
 
-    d = sub.add_parser("data", help="data utilities")
+    d = sub.add_parser("data", help="data utilities (`instdisc data check PATH`)")
+    d.set_defaults(func=lambda _args: _usage(d))  # `instdisc data` alone: data's usage (check overrides func)
     dsub = d.add_subparsers(dest="data_cmd", metavar="ACTION")
     c = dsub.add_parser("check", help="decode every image and report unreadable/truncated/empty files and odd modes")
     c.add_argument("path", help=SOURCES_HELP)
     c.set_defaults(func=cmd_data_check)
 
     m = sub.add_parser("demo", help="offline demo: NPID on scikit-learn digits, learned vs random kNN (~3 min on CPU)")
-    m.add_argument("--out", default="runs/demo", help="run directory (replaced if it exists)")
-    m.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
+    m.add_argument("--out", default="runs/demo",
+                   help="run directory (default runs/demo); an earlier demo there is replaced, any other run refused")
+    m.add_argument("--overwrite", action="store_true", help="replace whatever run --out holds")
+    m.add_argument("--epochs", type=positive_int, default=None, help="override the demo's epochs")
     m.set_defaults(func=cmd_demo)
     return p
 
@@ -535,14 +667,22 @@ def _tune_runtime() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-_plain_formatwarning = warnings.formatwarning
-
-
 def _formatwarning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
-    """Our warnings as one line, like our errors; others as Python prints them."""
+    """Every warning as one line, like our errors: ours as they are, a library's with its category
+    (never Python's default form with a source path and a line of code)."""
+    text = " ".join(str(message).split())
     if issubclass(category, InstdiscWarning):
-        return f"instdisc: warning: {message}\n"
-    return _plain_formatwarning(message, category, filename, lineno, line)
+        return f"instdisc: warning: {text}\n"
+    return f"instdisc: warning: {category.__name__}: {text}\n"
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """numpy's and Python's MemoryError, torch's OutOfMemoryError (CUDA), and the plain RuntimeError
+    that torch's CPU allocator raises ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
 # Failures of the machine rather than of the program: a message, not a traceback.
@@ -583,4 +723,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({e.filename})" if e.filename else ""
         print(f"instdisc: error: {e.strerror or e}{where}. Free some space or fix the permissions; a training "
               "run's last checkpoint is intact (continue it with --resume).", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - only memory exhaustion is handled here; the rest re-raised
+        if not _is_out_of_memory(e):
+            raise
+        print(f"instdisc: error: out of memory ({' '.join(str(e).split())[:200]}). A value asked for more memory "
+              "than this machine has: lower --batch-size, --aug-size, --image-size or --width (or the data "
+              "size); a training run's last checkpoint is intact (continue it with --resume).", file=sys.stderr)
         return 2

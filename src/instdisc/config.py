@@ -14,6 +14,7 @@ import difflib
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from instdisc.augment import AugmentConfig
-from instdisc.errors import ConfigError
+from instdisc.errors import ConfigError, InstdiscWarning
 
 
 @dataclass
@@ -143,8 +144,29 @@ SECTIONS: dict[str, type] = {
     "aug": AugmentConfig,
     "run": RunConfig,
 }
+SEED_MAX = 2**32 - 1  # numpy's limit on seeds (torch's is larger): every --seed is checked against it
+
 # Augmentation flags are prefixed (--aug-scale, --aug-blur-p) because "size" or "scale" alone are ambiguous.
 PREFIX = {"aug": "aug_"}
+# AugmentConfig is a plain dataclass of the augmentation module (documented there, field by field);
+# the help of its flags lives here, where the flags are made.
+AUG_HELP = {
+    "size": "side of the square crops fed to the network, in pixels (32 for CIFAR, 224 for ImageNet)",
+    "scale": "area range of the random resized crop, as fractions of the image (NPID/MoCo/PIC 0.2 1; SimCLR 0.08 1)",
+    "ratio": "aspect-ratio range (width / height) of the crop, drawn log-uniformly",
+    "flip_p": "probability of a horizontal flip",
+    "jitter_p": "probability of colour jitter (MoCo v2, SimCLR, PIC: 0.8; NPID applied it always: 1)",
+    "brightness": "brightness factor drawn from [1 - b, 1 + b]",
+    "contrast": "contrast factor drawn from [1 - c, 1 + c]",
+    "saturation": "saturation factor drawn from [1 - s, 1 + s]",
+    "hue": "hue shift drawn from [-h, h] turns of the colour wheel, h <= 0.5 (NPID 0.4, MoCo v2 0.1)",
+    "grayscale_p": "probability of converting to greyscale",
+    "blur_p": "probability of a Gaussian blur (MoCo v2/PIC 0.5; off for 32-px images)",
+    "blur_sigma": "range of the blur's standard deviation in pixels",
+    "solarize_p": "probability of solarising (inverting pixels >= 0.5)",
+    "mean": "per-channel mean of the input normalisation (0..1 units)",
+    "std": "per-channel standard deviation of the input normalisation",
+}
 
 
 @dataclass
@@ -166,7 +188,7 @@ class TrainConfig:
 
         out = cls()
         for name, dc in SECTIONS.items():
-            setattr(out, name, _build(dc, d.get(name, {})))
+            setattr(out, name, _build(dc, d.get(name, {}), prefix=PREFIX.get(name, "")))
         mcls = METHODS.get(out.run.method)
         if mcls is None:
             raise ConfigError(f"unknown method {out.run.method!r}; known: {', '.join(METHODS)}")
@@ -182,12 +204,12 @@ def _to_plain(x: Any) -> Any:
     return x
 
 
-def _build(dc: type, values: dict[str, Any]) -> Any:
+def _build(dc: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(dc)
     kwargs = {}
     for f in fields(dc):
         if f.name in values:
-            kwargs[f.name] = _coerce(values[f.name], hints[f.name], f.name)
+            kwargs[f.name] = _coerce(values[f.name], hints[f.name], "--" + (prefix + f.name).replace("_", "-"))
     unknown = set(values) - {f.name for f in fields(dc)}
     if unknown:
         raise ConfigError(f"unknown keys for {dc.__name__}: {sorted(unknown)}")
@@ -207,7 +229,9 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check and convert a YAML/JSON value to the field's type, with a readable error."""
+    """Check and convert a YAML/JSON value to the field's type, with a readable error naming the
+    flag (`name`, e.g. "--aug-size"). No field takes NaN or infinity: a non-finite lr, temperature
+    or probability would train (or evaluate) to a plausible-looking but meaningless number."""
     base, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
@@ -237,7 +261,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ConfigError(f"{name} must be a number; got {value!r}")
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{name} must be a finite number; got {value!r}")
+            return number
         if base is str:
             return str(value)
     except (TypeError, ValueError) as e:
@@ -261,9 +288,15 @@ def _add_fields(parser: argparse.ArgumentParser, section: str, dc: type, title: 
         tp, _ = _unwrap_optional(hints[f.name])
         origin = typing.get_origin(tp)
         default = getattr(defaults, f.name)
-        help_ = f.metadata.get("help", "")
-        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        help_ = f"{help_} (default: {shown})" if help_ else f"(default: {shown})"
+        help_ = f.metadata.get("help") or (AUG_HELP.get(f.name, "") if section == "aug" else "")
+        shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) \
+            if isinstance(default, (list, tuple)) else default
+        if "default" in help_.lower() or (default is None and f.metadata.get("auto")):
+            pass  # the help says it already (in words): not twice
+        elif default is None:
+            help_ = f"{help_} (default: none)"
+        else:
+            help_ = f"{help_} (default: {shown})"
         kw: dict[str, Any] = {"dest": _dest(section, f.name), "default": argparse.SUPPRESS, "help": help_}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -307,7 +340,7 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(p)!r} must be a mapping of flag names to values.")
     return {str(k).replace("-", "_"): v for k, v in raw.items()}
@@ -341,8 +374,18 @@ def resolve(preset: dict[str, Any], flags: dict[str, Any], method: str) -> Train
 
 def validate(cfg: TrainConfig) -> None:
     """Range checks that do not need the data (those that do live where N is known)."""
+    from instdisc.methods import METHODS
+
     o, r = cfg.optim, cfg.run
+    min_batch = getattr(METHODS[r.method], "min_batch_size", 1)
     checks = [
+        (0 <= r.seed <= SEED_MAX, f"--seed must be in [0, 2**32 - 1]; got {r.seed}"),
+        (o.batch_size >= min_batch,
+         f"--batch-size must be >= {min_batch} for --method {r.method} (each image's negatives are the other "
+         f"images of the batch: with fewer there are none and the loss is 0); got {o.batch_size}"),
+        (cfg.data.workers >= 0, f"--workers must be >= 0 (0 = decode in the main process); got {cfg.data.workers}"),
+        (cfg.data.image_size is None or cfg.data.image_size >= 1,
+         f"--image-size must be >= 1; got {cfg.data.image_size}"),
         (o.epochs >= 1, f"--epochs must be >= 1; got {o.epochs}"),
         (o.batch_size >= 1, f"--batch-size must be >= 1; got {o.batch_size}"),
         (o.lr > 0, f"--lr must be > 0; got {o.lr}"),
@@ -351,6 +394,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < o.gamma <= 1, f"--gamma must be in (0, 1]; got {o.gamma}"),
         (o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0; got {o.warmup_epochs}"),
         (cfg.model.width >= 1, f"--width must be >= 1; got {cfg.model.width}"),
+        (all(m >= 1 for m in o.milestones), f"--milestones are epoch numbers >= 1; got {o.milestones}"),
         (cfg.data.window >= 0 and cfg.data.stride >= 0, "--window and --stride must be >= 0 (0 = automatic)"),
         (r.knn_k >= 1, f"--knn-k must be >= 1; got {r.knn_k}"),
         (r.knn_t > 0, f"--knn-t must be > 0; got {r.knn_t}"),
@@ -374,3 +418,12 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg + ".")
+    late = [m for m in o.milestones if m >= o.epochs]
+    if o.schedule == "step" and late:
+        warnings.warn(
+            f"--milestones {' '.join(map(str, late))} {'is' if len(late) == 1 else 'are'} not before --epochs "
+            f"{o.epochs}: the step schedule never drops there (the lr stays {o.lr:g}"
+            + (f" x {o.gamma:g} per earlier milestone" if len(late) < len(o.milestones) else "")
+            + "). Give milestones below --epochs, or --schedule cosine.",
+            InstdiscWarning, stacklevel=2,
+        )

@@ -121,7 +121,7 @@ def check_source(spec: str, *, progress: bool = True, cache_dir: str | Path | No
             split_bad: list[tuple[int, str, str]] = []
             split_odd: list[tuple[int, str, str]] = []
             for n, img, mode, reason in _decode_members(
-                tree, unique, progress=progress, desc=f"check {Path(path).name} [{plan.split}]"
+                tree, sel, progress=progress, desc=f"check {Path(path).name} [{plan.split}]"
             ):
                 shown = tree.display(n)
                 if img is None:  # includes empty, missing and link members, as in open_source

@@ -16,7 +16,9 @@ digits; 1-NN is printed so that nobody mistakes the first row for more than it i
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -63,11 +65,30 @@ def _knn_rows(method: Method, cfg, train, test) -> dict[str, float]:  # noqa: AN
     return {"weighted": weighted, "nn1": nearest}
 
 
-def run_demo(out: str = "runs/demo", epochs: int | None = None, overwrite: bool = True) -> dict[str, float]:
+def _is_demo_run(out: str, cfg) -> bool:  # noqa: ANN001
+    """True when `out` holds an earlier demo (same recipe, any number of epochs): replacing it is
+    what running the demo again means. Any other run there is someone's work."""
+    path = Path(out) / "config.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    new = cfg.to_dict()
+    for d in (old, new):
+        if isinstance(d, dict):
+            d.get("optim", {}).pop("epochs", None)
+            d.get("run", {}).pop("out", None)
+    return old == new
+
+
+def run_demo(out: str = "runs/demo", epochs: int | None = None, overwrite: bool = False) -> dict[str, float]:
+    """Train the demo into `out` and print learned vs random kNN. An earlier demo in `out` is
+    replaced; another run is refused (as `train` refuses it) unless `overwrite`."""
     preset = dict(DEMO_PRESET, out=out)
     if epochs is not None:
         preset["epochs"] = epochs
     cfg = resolve(preset, {}, "npid")
+    overwrite = overwrite or _is_demo_run(out, cfg)
     env = dist.Env()
     train, test = open_sets(cfg)
     assert test is not None

@@ -34,6 +34,36 @@ class Env:
         return self.world_size > 1
 
 
+def resolve_device(device: str | torch.device = "auto", *, local_rank: int = 0) -> torch.device:
+    """--device -> a torch.device that exists on this machine (the one place that decides).
+
+    "auto" is CUDA when available, else CPU; "cuda" is the process's own GPU under torchrun
+    (LOCAL_RANK modulo the GPUs). Anything else that torch cannot use here (no CUDA, a GPU index
+    beyond the count, a misspelt name) is a UserError naming the flag, not a torch traceback.
+    """
+    from instdisc.errors import UserError
+
+    text = str(device).strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N; got {str(device)!r}.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N; got {str(device)!r}.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise UserError(f"--device {device}: CUDA is not available ({why}); use --device cpu (or auto).")
+        count = torch.cuda.device_count()
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % max(count, 1))
+        elif dev.index >= count:
+            raise UserError(f"--device {device}: this machine has {count} GPU(s) (cuda:0 .. cuda:{count - 1}).")
+    return dev
+
+
 def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> Env:
     """Initialise torch.distributed if launched by torchrun, and pick the device.
 
@@ -45,11 +75,7 @@ def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> Env:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+    dev = resolve_device(device, local_rank=local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import socket
 import sys
 import time
 import warnings
@@ -28,7 +29,13 @@ from torch import Tensor, nn
 
 from instdisc import __version__, dist
 from instdisc.augment import AugmentConfig, augment
-from instdisc.checkpoint import atomic_write_text, checkpoint_dir, load_checkpoint, save_checkpoint
+from instdisc.checkpoint import (
+    atomic_write_text,
+    checkpoint_dir,
+    load_checkpoint,
+    save_checkpoint,
+    write_failure,
+)
 from instdisc.config import OptimConfig, TrainConfig
 from instdisc.dist import Env
 from instdisc.errors import CheckpointError, DataError, InstdiscWarning, NonFiniteError, UserError
@@ -48,6 +55,24 @@ def build_method(cfg: TrainConfig, num_samples: int) -> Method:
     """Backbone + method from the config alone (also how `embed` rebuilds a checkpoint's model)."""
     backbone, feat_dim = build_backbone(cfg.model.arch, width=cfg.model.width, cifar_stem=cfg.model.cifar_stem)
     return METHODS[cfg.run.method](backbone, feat_dim, num_samples, cfg.method)
+
+
+def fill_size_defaults(cfg: TrainConfig, num_samples: int, num_classes: int) -> list[str]:
+    """Resolve the method's size-dependent hyper-parameters left unset (negatives, clusters, queue)
+    against the training set, before the model is built and the config saved; print what was chosen
+    in one line. A value the user gave is kept (and judged by the method's own checks)."""
+    fill = getattr(cfg.method, "fill_defaults", None)
+    chosen = fill(num_samples, num_classes) if fill is not None else []
+    d = cfg.data
+    if d.sampler == "sliding" and not d.window:  # as make_order reads 0: PIC's D = N / 10, S = D / 8
+        d.window = max(num_samples // 10, 1)
+        chosen.append(f"--window {d.window} (N // 10, PIC's ratio)")
+    if d.sampler == "sliding" and not d.stride:
+        d.stride = max(d.window // 8, 1)
+        chosen.append(f"--stride {d.stride} (window // 8)")
+    if chosen:
+        dist.print0(f"instdisc: for N = {num_samples} training images: {'; '.join(chosen)}. Give the flag to choose.")
+    return chosen
 
 
 def lr_schedule(o: OptimConfig, steps_per_epoch: int) -> Tensor:
@@ -249,8 +274,9 @@ class NonFiniteGuard:
             if with_model and self.is_main:
                 record = {**record, "model": self.method.state_dict(), "config": self.config}
             torch.save(record, path)
-        except OSError as e:
-            return f"(no debug snapshot: {e.strerror or e})"
+        except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
+            path.unlink(missing_ok=True)
+            return f"(no debug snapshot: {write_failure(e, self.debug_dir)})"
         return str(path)
 
     def handle(self, bad: tuple[bool, bool], loss: Tensor, idx: Tensor, state: TrainState, *, seed: int) -> str:
@@ -395,14 +421,53 @@ def evaluate_knn(
     return {f"knn_{k}": v for k, v in res.items()}
 
 
-def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to train over another run unless asked to resume or overwrite."""
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of a training process.
+
+    `fcntl.flock` on RUN_DIR/.lock: the kernel drops it when the holder exits, however it exits
+    (SIGKILL, OOM, power loss on a local disk), so a lock file left by a killed process is stale by
+    construction and the next run takes it over. The file names its holder (pid, host, start time)
+    for the refusal message. Where flock does not exist, nothing is locked.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(
+                f"{str(self.path.parent)!r} is in use by another training ({holder}): two runs in one folder would "
+                "interleave their metrics and checkpoints. Wait for it to finish, stop it, or choose another --out."
+            ) from None
+        # Ours now, whatever the file said (a killed holder's lock is released by the kernel).
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
+    """Lock the run directory, and refuse to train over another run unless asked to resume or
+    overwrite. The caller releases the returned lock when training ends."""
     has_run = (out / "config.json").exists() or checkpoint_dir(out).exists()
-    if has_run and not (resume or overwrite):
-        raise UserError(
-            f"{str(out)!r} already holds a run. Pass --resume to continue it, --overwrite to start "
-            "over (its checkpoints and metrics are replaced), or choose another --out."
-        )
     if resume and not has_run:
         raise UserError(f"--resume: {str(out)!r} holds no run to resume.")
     try:
@@ -412,12 +477,29 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to the run directory {str(out)!r}: {e.strerror or e}.") from None
-    if overwrite and not resume:
-        ckd = checkpoint_dir(out)
-        for p in [out / "metrics.jsonl", ckd / "last.pt", ckd / "prev.pt", ckd / "last.pt.damaged"]:
-            p.unlink(missing_ok=True)
-        for p in (out / "debug").glob("step*-rank*.pt"):
-            p.unlink()
+    lock = RunLock(out)
+    lock.acquire()  # before anything is judged or deleted: a running training owns the folder
+    try:
+        has_run = (out / "config.json").exists() or checkpoint_dir(out).exists()
+        if has_run and not (resume or overwrite):
+            raise UserError(
+                f"{str(out)!r} already holds a run. Pass --resume to continue it, --overwrite to start "
+                "over (its checkpoints, metrics and evaluation results are replaced), or choose another --out."
+            )
+        if overwrite and not resume:
+            ckd = checkpoint_dir(out)
+            for p in [out / "metrics.jsonl", ckd / "last.pt", ckd / "prev.pt", ckd / "last.pt.damaged"]:
+                p.unlink(missing_ok=True)
+            for p in (out / "debug").glob("step*-rank*.pt"):
+                p.unlink()
+            # The old model's results (and cached features) would read as the new model's.
+            for p in [*(out / "eval").glob("*.json"), *(out / "eval" / "features").glob("*")]:
+                if p.is_file():
+                    p.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def restore_training(ck: dict[str, Any], method: Method, optimizer: torch.optim.Optimizer,
@@ -462,14 +544,21 @@ def wrap_for_training(method: Method, env: Env, *, compile: bool) -> nn.Module:
 
 
 def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Train `cfg.run.method` and return the final metrics."""
+    """Train `cfg.run.method` and return the final metrics. The run directory is locked meanwhile."""
+    clock = StopRequest(cfg.run.time_limit)  # started before the data are opened: loading counts
+    out = Path(cfg.run.out)
+    lock = prepare_run_dir(out, resume=resume, overwrite=overwrite) if env.is_main else None
+    try:
+        dist.barrier()
+        return _fit(cfg, env, clock, out, resume=resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: bool) -> dict[str, Any]:
     r, o = cfg.run, cfg.optim
-    clock = StopRequest(r.time_limit)  # started before the data are opened: loading counts
-    out = Path(r.out)
     ck = None
-    if env.is_main:
-        prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    dist.barrier()
     if resume:
         ck = load_checkpoint(out, quarantine=env.is_main)
         if ck.get("method") != r.method:
@@ -477,6 +566,7 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
 
     train, test = open_sets(cfg)
     n = len(train)
+    fill_size_defaults(cfg, n, len(train.classes))
     if ck is not None and int(ck.get("num_samples", n)) != n:
         raise CheckpointError(
             f"the training set changed: {cfg.data.data!r} now has {n} images, the checkpoint was trained on "
@@ -607,7 +697,10 @@ def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = F
             metrics = {"type": "epoch" if whole else "epoch_part", "epoch": state.epoch, "step": state.step,
                        **epoch_logs, **stats}
             log.write(**metrics)
-            knn = f" kNN top-1 {stats['knn_top1']:.2f}%" if "knn_top1" in stats else ""
+            # The monitor's train side is the method's own memory bank where it keeps one (features
+            # from past epochs' augmented views), else the training set re-embedded now.
+            reads = "memory bank" if method.bank_features() is not None else "train set re-embedded"
+            knn = f" kNN top-1 {stats['knn_top1']:.2f}% ({reads})" if "knn_top1" in stats else ""
             where = f"epoch {state.epoch}/{o.epochs}" if whole else \
                 f"epoch {state.epoch + 1}/{o.epochs} (stopped after step {state.epoch_step}/{spe})"
             dist.print0(f"{where} loss {stats['loss']:.4f}{knn} ({stats['img_per_s']:.0f} img/s, {stats['time_s']:.1f}s)")

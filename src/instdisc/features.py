@@ -118,6 +118,10 @@ def save_features(
     return written
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
 def load_features(path: str | Path) -> tuple[Tensor, Tensor | None]:
     """Read FILE.npy and FILE.labels.npy if present -> (features (N, D), labels (N,) or None)."""
     path = Path(path)
@@ -125,10 +129,18 @@ def load_features(path: str | Path) -> tuple[Tensor, Tensor | None]:
         raise UserError(f"feature file {str(path)!r} does not exist (expected an .npy written by `instdisc embed`).")
     try:
         feats = torch.from_numpy(np.load(path, allow_pickle=False)).float()
-    except (ValueError, OSError) as e:
-        raise UserError(f"{str(path)!r} is not a readable .npy feature file: {e}") from None
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty or truncated file
+        raise UserError(f"{str(path)!r} is not a readable .npy feature file: {_first_line(e) or 'empty file'}") from None
     if feats.ndim != 2:
         raise UserError(f"{str(path)!r} holds an array of shape {tuple(feats.shape)}; expected (N, D).")
+    bad_rows = (~torch.isfinite(feats)).any(dim=1)  # (N,)
+    if bool(bad_rows.any()):
+        first = int(bad_rows.nonzero()[0])
+        raise UserError(
+            f"{str(path)!r} holds NaN or infinite values in {int(bad_rows.sum())} of {feats.shape[0]} rows "
+            f"(the first is row {first}): no result computed from it could be trusted. Export the features again "
+            "(`instdisc embed`) from a model whose weights are finite."
+        )
     lab_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy") if path.name.endswith(".npy") else None
     labels = None
     if lab_path is not None and lab_path.is_file():

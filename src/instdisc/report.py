@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from instdisc import __version__
+from instdisc.checkpoint import atomic_write_text
 from instdisc.errors import UserError
 
 _CSS = """
@@ -139,6 +140,9 @@ def evaluation_html(results: dict[str, dict[str, Any]]) -> str:
         res = results[name]
         title = html.escape(name.replace("_", " "))
         when = html.escape(str(res.get("date", "")))
+        if res.get("stale"):
+            when += (" — <b class='stale'>STALE: computed before the current checkpoint, i.e. for an older model; "
+                     "run the protocol again</b>")
         if name.startswith("knn") and res.get("rows"):
             parts.append(f"<h3>weighted kNN sweep ({title})</h3><p class='sub'>{when}; features: "
                          f"{html.escape(str(res.get('features', '')))}</p>")
@@ -283,6 +287,9 @@ def build_report(
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"{str(run)!r} is not a run directory.")
+    target = Path(out) if out else run / "report.html"
+    if target.is_dir():  # checked before minutes of embedding, not at the end
+        raise UserError(f"--out {str(target)!r} is a folder; give the HTML file to write, e.g. {str(target / 'report.html')!r}.")
     cfg: dict[str, Any] = {}
     if (run / "config.json").is_file():
         try:
@@ -301,6 +308,8 @@ def build_report(
         ev = E.features_for(str(run), data=data, kind="embedding", device=device, batch_size=batch_size,
                             cache_dir=cache_dir, progress=progress)
     except UserError as e:
+        if data:  # a source the user asked for, that cannot be evaluated: an error, not a footnote
+            raise
         notes.append(f"no features, so no neighbours, map or kNN table: {e}")
     if ev is not None:
         rows = E.knn_table(ev.train_x, ev.train_y, ev.test_x, ev.test_y, ks=E.DEFAULT_KS,
@@ -325,10 +334,7 @@ def build_report(
             for p in extra))
 
     page = _page(run, cfg, records, E.load_results(run), figures, notes, time.perf_counter() - t0)
-    target = Path(out) if out else run / "report.html"
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(target)
+    atomic_write_text(target, page)
     return target
 
 

@@ -125,7 +125,8 @@ def embed_2d(
     if method == "tsne":
         from sklearn.manifold import TSNE
 
-        perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3)))
+        # t-SNE needs perplexity < N: a map of very few points gets the largest it allows
+        perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3), x.shape[0] - 1))
         return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(x.numpy())
     raise ValueError(f"unknown 2-D map method {method!r}; choose pca or tsne")
 

@@ -5,6 +5,7 @@ neighbour search, through the chunked torch path (`instdisc.knn`) or faiss for l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,7 +103,7 @@ def knn_scores(
             f"query (Q, D) and bank (N, D) must share D; got {tuple(query.shape)} and {tuple(bank.shape)}."
         )
     ks_c = sorted({min(int(k), n) for k in ks})
-    if ks_c[0] < 1 or any(t <= 0 for t in ts):
+    if ks_c[0] < 1 or not all(0 < t < math.inf for t in ts):  # NaN fails too
         raise UserError(f"k must be >= 1 and t > 0; got k={list(ks)}, t={list(ts)}.")
     c = int(num_classes) if num_classes is not None else int(bank_labels.max()) + 1
     if resolve_backend(backend, n) == "faiss":

@@ -160,10 +160,12 @@ def linear_probe(
         {"top1", "top5", "train_top1", "lr", "val_top1": {lr: %}, "norm", "epochs", "batch_size",
         "momentum", "weight_decay", "time_s"}.
     """
-    if epochs < 1 or batch_size < 1 or not lrs or any(lr <= 0 for lr in lrs):
+    if epochs < 1 or batch_size < 1 or not lrs or not all(0 < lr < math.inf for lr in lrs):  # NaN fails too
         raise UserError(
-            f"linear probe needs epochs >= 1, batch size >= 1 and lr > 0; got {epochs}, {batch_size}, {list(lrs)}."
+            f"linear probe needs epochs >= 1, batch size >= 1 and a finite lr > 0; got {epochs}, {batch_size}, {list(lrs)}."
         )
+    if not 0 <= weight_decay < math.inf:
+        raise UserError(f"--weight-decay must be a finite number >= 0; got {weight_decay}.")
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in (0, 1); got {val_fraction}.")
     t0 = time.perf_counter()

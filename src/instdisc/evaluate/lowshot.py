@@ -4,6 +4,7 @@ several seeded draws, a linear SVM or logistic regression; mean +- std per k.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -48,7 +49,7 @@ def low_shot(
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import LinearSVC
 
-    if draws < 1 or C <= 0 or not shots or min(shots) < 1:
+    if draws < 1 or not 0 < C < math.inf or not shots or min(shots) < 1:  # NaN fails too
         raise UserError(
             f"low-shot needs draws >= 1, C > 0 and shots >= 1; got {draws}, {C}, {list(shots)}."
         )

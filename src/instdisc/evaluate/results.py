@@ -27,6 +27,8 @@ def save_result(save_dir: Path | None, name: str, payload: dict[str, Any]) -> Pa
     The file also records the command that produced it (``"command"``) when it runs as the
     `instdisc` program; called from Python, there is no command to record.
     """
+    from instdisc.checkpoint import atomic_write_text
+
     if save_dir is None:
         return None
     command = _command()
@@ -34,25 +36,29 @@ def save_result(save_dir: Path | None, name: str, payload: dict[str, Any]) -> Pa
         payload = {**payload, "command": command}
     save_dir.mkdir(parents=True, exist_ok=True)
     path = save_dir / f"{name}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(
-        json.dumps(
-            {"protocol": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}, indent=2
-        )
-    )
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps({"protocol": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload},
+                                       indent=2))
     return path
 
 
 def load_results(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Every RUN_DIR/eval/*.json written by `save_result`, by protocol name."""
+    """Every RUN_DIR/eval/*.json written by `save_result`, by protocol name. A result written
+    before the run's current checkpoint gets "stale": True (it measured an older model)."""
+    from instdisc.checkpoint import LAST, PREV, checkpoint_dir
+
     out = {}
     d = Path(run_dir) / "eval"
+    ckpts = [p.stat().st_mtime_ns for p in (checkpoint_dir(run_dir) / LAST, checkpoint_dir(run_dir) / PREV)
+             if p.is_file()]
+    newest = max(ckpts, default=None)
     for p in sorted(d.glob("*.json")) if d.is_dir() else []:
         try:
-            out[p.stem] = json.loads(p.read_text())
+            res = json.loads(p.read_text())
+            written = p.stat().st_mtime_ns
         except (ValueError, OSError):
             continue
+        if isinstance(res, dict):
+            out[p.stem] = {**res, "stale": newest is not None and written < newest}
     return out
 
 

@@ -49,10 +49,19 @@ class Subject:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def require_finite_weights(module: nn.Module, where: str) -> None:
+    """Refuse weights holding NaN or infinity: every feature computed from them would be NaN
+    (or garbage), and the protocols would still print a plausible chance-level score."""
+    # Parameters and normalisation statistics; other buffers may hold NaN on purpose (NPID's log Z
+    # before it is estimated) and do not enter the features.
+    tensors = [*module.named_parameters(), *((n, b) for n, b in module.named_buffers() if "running_" in n)]
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"the weights of {where} are not finite: {name} holds NaN or infinite values. Nothing "
+                "evaluated with them would mean anything; use another checkpoint (a run keeps the previous "
+                "one as checkpoints/prev.pt)."
+            )
 
 
 def _fingerprint(path: Path) -> str:
@@ -72,8 +81,9 @@ def load_subject(
     """
     from instdisc import published
     from instdisc.checkpoint import find_checkpoint, load_checkpoint
+    from instdisc.dist import resolve_device
 
-    dev = _device(device)
+    dev = resolve_device(device)
     p = Path(path)
     if layout is None and p.is_dir():
         ck = load_checkpoint(p)
@@ -87,6 +97,7 @@ def load_subject(
         run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
         return _subject_from_run(obj, p, dev, run_dir=run_dir)
     model = published.load_published(obj, layout=layout, source=str(p)).to(dev).eval()
+    require_finite_weights(model, repr(str(p)))
     mean, std = model.norm_stats
     return Subject(
         name=f"{p.name} ({model.layout}, {model.arch})",
@@ -116,6 +127,7 @@ def _subject_from_run(
         raise CheckpointError(
             f"checkpoint {str(ck_path)!r} does not match its own config: {str(e).splitlines()[0]}"
         ) from None
+    require_finite_weights(method, repr(str(ck_path)))
     method = method.to(dev).eval()
     a = cfg.aug
     name = run_dir.name if run_dir is not None else ck_path.name

@@ -65,11 +65,13 @@ from instdisc.models import ProjectionHead
 @dataclass
 class MoCoConfig:
     dim: int = field(default=128, metadata={"help": "embedding size (MoCo: 128)"})
-    moco_k: int = field(
-        default=65536,
+    moco_k: int | None = field(
+        default=None,
         metadata={
             "help": "queue size K, the number of negatives (MoCo: 65536 on ImageNet; CIFAR runs use "
-            "4096, since K >= N puts stale keys of the query's own image in the queue)"
+            "4096, since K >= N puts stale keys of the query's own image in the queue). Default: the largest "
+            "power of two <= N / 2, at most 65536",
+            "auto": True,
         },
     )
     moco_m: float = field(
@@ -91,11 +93,19 @@ class MoCoConfig:
         default="head", metadata={"help": "what embed/kNN/export use: the normalised head output or backbone features"}
     )
 
+    def fill_defaults(self, num_samples: int, num_classes: int = 0) -> list[str]:
+        """Set the size-dependent values left unset (None) for N = num_samples; say what was chosen."""
+        if self.moco_k is not None:
+            return []
+        self.moco_k = min(65536, 1 << max(0, (max(num_samples // 2, 1)).bit_length() - 1))
+        return [f"--moco-k {self.moco_k} (the largest power of two <= N / 2, at most 65536: no stale keys of "
+                "a query's own image)"]
+
     def __post_init__(self) -> None:
         # Checked when the configuration is resolved, before any data is opened.
         if self.dim <= 0:
             raise ConfigError(f"--dim must be positive; got {self.dim}.")
-        if self.moco_k < 1:
+        if self.moco_k is not None and self.moco_k < 1:
             raise ConfigError(f"--moco-k (queue size) must be >= 1; got {self.moco_k}.")
         if not 0.0 <= self.moco_m < 1.0:
             raise ConfigError(f"--moco-m must be in [0, 1): 1 would freeze the key encoder; got {self.moco_m}.")
@@ -147,6 +157,7 @@ class MoCo(Method):
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_samples: int, cfg: MoCoConfig) -> None:
         super().__init__(backbone, feat_dim, num_samples)
+        cfg.fill_defaults(num_samples)
         self.cfg = cfg
         self.head = ProjectionHead(feat_dim, cfg.dim, hidden_dim=feat_dim if cfg.mlp else 0, bn=False)
         # The key encoder starts as an exact copy and never receives gradients.

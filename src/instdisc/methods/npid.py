@@ -30,13 +30,16 @@ from instdisc.memory import MemoryBank
 from instdisc.methods.base import EpochContext, Method, StepOutput, full_precision
 from instdisc.models import ProjectionHead
 
+NCE_K = 4096  # the paper's negatives per step
+
 
 @dataclass
 class NPIDConfig:
     dim: int = field(default=128, metadata={"help": "embedding size; the paper uses 128"})
-    nce_k: int = field(
-        default=4096,
-        metadata={"help": "negatives per step; 0 = full softmax over the bank (paper: 4096)"},
+    nce_k: int | None = field(
+        default=None,
+        metadata={"help": "negatives per step; 0 = full softmax over the bank (paper: 4096). Default: 4096 when "
+                          "N > 4096, else 0 (all N - 1 other images, no dearer)", "auto": True},
     )
     nce_t: float = field(
         default=0.07, metadata={"help": "temperature tau (paper: 0.07; CIFAR full softmax: 0.1)"}
@@ -76,7 +79,16 @@ class NPIDConfig:
         },
     )
 
+    def fill_defaults(self, num_samples: int, num_classes: int = 0) -> list[str]:
+        """Set the size-dependent values left unset (None) for N = num_samples; say what was chosen."""
+        if self.nce_k is not None:
+            return []
+        self.nce_k = NCE_K if num_samples > NCE_K else 0
+        why = "the paper's" if self.nce_k else f"the full softmax: {NCE_K} negatives need more than {NCE_K} images"
+        return [f"--nce-k {self.nce_k} ({why})"]
+
     def validate(self, num_samples: int) -> None:
+        self.fill_defaults(num_samples)
         if self.nce_t <= 0:
             raise ConfigError(f"--nce-t must be > 0 (it divides the similarities); got {self.nce_t}.")
         if not 0.0 <= self.nce_m < 1.0:

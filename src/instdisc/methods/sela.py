@@ -67,9 +67,11 @@ from instdisc.sinkhorn import sinkhorn_knopp
 @dataclass
 class SeLaConfig:
     hc: int = field(default=1, metadata={"help": "number of classification heads (paper: 1 or 10 on ImageNet, 10 on CIFAR)"})
-    ncl: list[int] = field(
-        default_factory=lambda: [3000],
-        metadata={"help": "clusters per head: one value for all heads, or one per head (paper: 3000 ImageNet, 128 CIFAR)"},
+    ncl: list[int] | None = field(
+        default=None,
+        metadata={"help": "clusters per head: one value for all heads, or one per head (paper: 3000 ImageNet, 128 "
+                          "CIFAR). Default: min(3000, N // 10), at least 2 (ten images per cluster at least)",
+                  "auto": True},
     )
     lamb: float = field(
         default=25.0,
@@ -93,10 +95,18 @@ class SeLaConfig:
     )
     export_labels: bool = field(default=True, metadata={"help": "write RUN_DIR/pseudo_labels/head{h}.npy at each relabelling"})
 
+    def fill_defaults(self, num_samples: int, num_classes: int = 0) -> list[str]:
+        """Set the size-dependent values left unset (None) for N = num_samples; say what was chosen."""
+        if self.ncl is not None:
+            return []
+        self.ncl = [min(3000, max(2, num_samples // 10))]
+        return [f"--ncl {self.ncl[0]} (min(3000, N // 10): at least ten images per cluster)"]
+
     def head_sizes(self) -> list[int]:
         return list(self.ncl) * self.hc if len(self.ncl) == 1 else list(self.ncl)
 
     def validate(self, num_samples: int) -> None:
+        self.fill_defaults(num_samples)
         if self.hc < 1:
             raise ConfigError(f"--hc (number of heads) must be >= 1; got {self.hc}.")
         if len(self.ncl) not in (1, self.hc):

@@ -132,6 +132,7 @@ class SimCLR(Method):
     """Backbone -> MLP projection head -> NT-Xent over the two views of the global batch."""
 
     Config = SimCLRConfig
+    min_batch_size = 2  # an image's negatives are the other images of the batch
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_samples: int, cfg: SimCLRConfig) -> None:
         super().__init__(backbone, feat_dim, num_samples)

@@ -36,8 +36,16 @@ class SupervisedConfig:
                           "default: the source's ground truth"},
     )
     num_classes: int = field(
-        default=0, metadata={"help": "classifier outputs; 0 = 1 + the largest label of --labels (needed with ground truth)"}
+        default=0, metadata={"help": "classifier outputs; 0 = 1 + the largest label of --labels, or the training "
+                                     "split's number of classes with its ground truth"}
     )
+
+    def fill_defaults(self, num_samples: int, num_classes: int = 0) -> list[str]:
+        """With ground-truth labels and no --num-classes: the training split's number of classes."""
+        if self.num_classes != 0 or self.labels is not None or num_classes < 1:
+            return []
+        self.num_classes = num_classes
+        return [f"--num-classes {num_classes} (the training split's classes)"]
 
 
 def load_label_file(path: str | Path, num_samples: int) -> np.ndarray:

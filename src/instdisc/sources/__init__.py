@@ -50,7 +50,8 @@ a directory
     * CIFAR python batches (the batch folder itself or its parent) -- detected from the contents;
     * PIC's zipped layout: ``train.zip`` + ``train_map.txt`` (and ``val.zip`` + ``val_map.txt``
       for ``test``); lines are ``relative/path<TAB>label``; the map's line order is the index
-      order; images are read from the zip without extracting;
+      order; images are read from the zip without extracting; naming ``train.zip`` itself (next to
+      its map) means the same layout;
     * an ImageFolder: ``train/<class>/<files>`` and ``test/<class>/<files>`` (``test`` falls back
       to ``val/``), or, without split folders, ``<class>/<files>`` as the train split only. A
       folder holding only images (no class folders) is an unlabelled source (``labels is None``).
@@ -153,6 +154,7 @@ from instdisc.sources.layouts import (
     _imagefolder,
     _is_pic_dir,
     _pic_files,
+    _pic_root,
     _pic_selection,
     _Selection,
     _split_base,
@@ -241,6 +243,7 @@ def open_source(
     if not path.exists():
         raise _missing_path_error(spec, path)
     path = path.resolve()
+    path = _pic_root(path) or path
     name = str(path)
     if path.is_dir():
         if _is_pic_dir(path):
@@ -388,7 +391,7 @@ def _materialise(
             meta=meta,
         )
     images, extra = _decode_to_array(
-        tree, sel, image_size, progress=progress, desc=f"decode {Path(name).name} [{split}]"
+        tree, sel, image_size, progress=progress, desc=f"decode {Path(name).name} [{split}]", source=name
     )
     # "files": each row's member name in the source, so exported features can name their images.
     return _save_arrays(
@@ -479,6 +482,7 @@ def _plan_file_source(
     if not path.exists():
         raise _missing_path_error(spec, path)
     path = path.resolve()
+    path = _pic_root(path) or path  # as open_source reads it
     if path.is_dir() and _is_pic_dir(path):
         plans = []
         for split in SPLITS:

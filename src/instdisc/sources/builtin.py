@@ -12,6 +12,7 @@ from instdisc.errors import DataError
 SYNTHETIC_VERSION = "synthetic-v1"
 DIGITS_VERSION = "digits-v1-bilinear32"
 SYNTHETIC_DEFAULT_N = 512
+SYNTHETIC_MAX_N = 1_000_000  # the images are generated in memory: 3 KiB each
 _BUILTINS = ("digits", "synthetic", "cifar10", "cifar100")
 
 
@@ -148,6 +149,12 @@ def _parse_builtin(spec: str) -> tuple[str, int | None] | None:
         if n < 1:
             raise DataError(
                 f"{spec!r}: synthetic:N needs a positive whole number N, e.g. synthetic:512."
+            )
+        if n > SYNTHETIC_MAX_N:
+            raise DataError(
+                f"{spec!r}: synthetic:N is limited to N <= {SYNTHETIC_MAX_N:,} images ({SYNTHETIC_MAX_N * 3072 / 2**30:.1f} GiB "
+                f"of 32x32 RGB, built in memory); {n:,} would need {n * 3072 / 2**30:,.0f} GiB. Use a smaller N, or a "
+                "folder or archive for a large data set."
             )
         return "synthetic", n
     return None

@@ -49,17 +49,22 @@ def _progress(total: int, desc: str, enabled: bool, unit: str = "img") -> Progre
 
 def _decode_members(
     tree: _Tree,
-    names: Sequence[str],
+    sel: _Selection,
     *,
     progress: bool,
     desc: str,
 ) -> Iterator[tuple[str, Image.Image | None, str | None, str | None]]:
-    """Decode every member fully -> (name, rgb image | None, original mode | None, bad reason | None).
+    """Decode every member of a split fully -> (name, rgb image | None, original mode | None, bad
+    reason | None), each distinct member once.
 
-    Used by `open_source` and `instdisc.datacheck.check_source`, so both judge files the same way.
-    Yields in the tree's efficient read order, not necessarily in ``names`` order.
+    The one judgement of a split's files: `open_source` (through `_decode_to_array`) and
+    `instdisc.datacheck.check_source` both iterate this over the same `_Selection`, so a file the
+    loader refuses (unreadable, a pipe, missing from a PIC zip) is one the check reports.
+    Yields in the tree's efficient read order, not necessarily in ``sel.names`` order.
     """
-    problems = tree.problems
+    names = list(dict.fromkeys(sel.names))
+    missing = set(sel.missing or ())
+    problems = {**tree.problems, **{n: "missing from the archive" for n in missing}}
     bar = _progress(len(names), desc, progress)
     readable = [n for n in names if n not in problems]
     for n in names:
@@ -101,12 +106,14 @@ def _decode_to_array(
     *,
     progress: bool,
     desc: str,
+    source: str | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode a whole split into one ``(N, H, W, 3)`` array (raising DataError on any bad file)."""
+    """Decode a whole split into one ``(N, H, W, 3)`` array (raising DataError on any bad file).
+    `source` is what the user gave (PIC's folder rather than its zip), for the message."""
     unique = list(dict.fromkeys(sel.names))
     decoded: dict[str, np.ndarray] = {}
     bad: list[tuple[str, str]] = []
-    for n, img, _mode, reason in _decode_members(tree, unique, progress=progress, desc=desc):
+    for n, img, _mode, reason in _decode_members(tree, sel, progress=progress, desc=desc):
         if img is None:
             bad.append((tree.display(n), reason or "unreadable"))
         else:
@@ -114,7 +121,7 @@ def _decode_to_array(
     if bad:
         rank = {tree.display(n): i for i, n in enumerate(unique)}
         bad.sort(key=lambda b: rank.get(b[0], -1))  # report in dataset order
-        raise _bad_files_error(str(tree.path), bad, len(unique))
+        raise _bad_files_error(source or str(tree.path), bad, len(unique))
     sizes = Counter(a.shape[:2] for a in decoded.values())
     if image_size:
         target = (image_size, image_size)

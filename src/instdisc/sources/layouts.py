@@ -193,6 +193,17 @@ _PIC_FILES = {
 }
 
 
+def _pic_root(path: Path) -> Path | None:
+    """PIC's folder when `path` is one of its zips (train.zip next to train_map.txt, ...): such a
+    zip is read through its map, whichever of the two the user names, never as a bare archive
+    (whose folder order is not the map's index order)."""
+    for pairs in _PIC_FILES.values():
+        for z, m in pairs:
+            if path.name == z and path.is_file() and (path.parent / m).is_file() and _is_pic_dir(path.parent):
+                return path.parent
+    return None
+
+
 def _is_pic_dir(path: Path) -> bool:
     return (path / "train.zip").is_file() and (path / "train_map.txt").is_file()
 

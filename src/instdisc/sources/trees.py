@@ -17,6 +17,7 @@ import hashlib
 import lzma
 import os
 import posixpath
+import stat
 import sys
 import tarfile
 import threading
@@ -238,6 +239,11 @@ class _DirTree(_Tree):
                 except OSError:
                     self.files[r], self._mtimes[r] = -1, 0
                     self.problems[r] = "unreadable (broken link or no permission)"
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    # A FIFO, socket or device named x.png: opening it would block forever (or
+                    # read an endless stream). Never opened, always reported.
+                    self.problems[r] = "not a regular file (a pipe, socket or device)"
 
     def display(self, name: str) -> str:
         return str(self.path / name) if name else str(self.path)
