@@ -626,7 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "data and epochs, the run's evaluation results). See docs/export.md.")
     ex.add_argument("run", help="run directory, checkpoint, or released weights (see `instdisc weights`)")
     ex.add_argument("--format", required=True, choices=["torchvision", "timm", "detectron2", "safetensors", "onnx",
-                                                        "torch-export"])
+                                                        "torch-export"],
+                    help="layout of FILE: torchvision/timm state dict (.pth), detectron2 pickle (.pkl), safetensors, "
+                         "ONNX graph or torch.export program (.pt2); docs/export.md says what loads each")
     ex.add_argument("--out", required=True, help="output file (.pth, .pkl, .safetensors, .onnx, .pt2)")
     ex.add_argument("--part", choices=["backbone", "backbone+head"], default="backbone",
                     help="pooled backbone features, or the projection head's output (default backbone)")
