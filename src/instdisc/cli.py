@@ -27,6 +27,9 @@ SOURCES_HELP = (
     "or a .tar/.tar.gz/.zip archive of an ImageFolder tree"
 )
 
+DROP_HELP = ("leave out test images whose class the training split does not have (the count is printed); "
+             "without it such a class is an error. Label ids always come from the training split's class names")
+
 
 def _pre_parse(argv: Sequence[str]) -> tuple[str, str | None]:
     """The method decides which flags exist, and may come from the config file: find it first."""
@@ -150,49 +153,18 @@ def cmd_train(argv: Sequence[str]) -> int:
     return 128 + metrics["signal"] if metrics.get("signal") else 0
 
 
-def _load_run(path: str, device: str):
-    """Checkpoint -> (method in eval mode on device, its TrainConfig)."""
-    import torch
-
-    from instdisc.checkpoint import load_checkpoint
-    from instdisc.config import TrainConfig
-    from instdisc.engine import build_method
-    from instdisc.errors import CheckpointError
-
-    ck = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(ck["config"])
-    method = build_method(cfg, int(ck["num_samples"]))
-    try:
-        method.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path!r} does not match its own config: {str(e).splitlines()[0]}") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    return method.to(dev).eval(), cfg, dev
-
-
-def _embed(method, cfg, dev, data: str, split: str, batch_size: int, cache_dir: str | None, progress: bool = True):
-    from instdisc.features import extract_features
-    from instdisc.sources import open_source
-
-    images = open_source(data, split, cache_dir=cache_dir, image_size=cfg.data.image_size, progress=progress)
-    a = cfg.aug
-    feats = extract_features(
-        method.embed, images, size=a.size, mean=a.mean, std=a.std, batch_size=batch_size, device=dev,
-        workers=cfg.data.workers, desc=f"embed {split}", progress=progress,
-    )
-    return feats, images
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
+    from instdisc.evaluate import extract, load_subject, open_images
     from instdisc.features import save_features
 
-    method, cfg, dev = _load_run(args.run, args.device)
-    data = args.data or cfg.data.data
-    feats, images = _embed(method, cfg, dev, data, args.split, args.batch_size, args.cache_dir or cfg.data.cache_dir)
-    meta = {"source": data, "split": args.split, "checkpoint": str(args.run), "method": cfg.run.method,
-            "classes": images.classes}
+    subject = load_subject(args.run, device=args.device)
+    images = open_images(subject, args.data, args.split, cache_dir=args.cache_dir,
+                         drop_unknown=args.drop_unknown_classes, progress=True)
+    feats = extract(subject, images, "embedding", batch_size=args.batch_size, progress=True)
+    meta = {"source": images.name, "split": args.split, "checkpoint": str(args.run),
+            "method": subject.config.get("run", {}).get("method"), "classes": images.classes}
+    if images.meta.get("dropped_unknown"):
+        meta["dropped_unknown"] = images.meta["dropped_unknown"]
     for p in save_features(args.out, feats, images.labels, meta):
         print(f"wrote {p}")
     return 0
@@ -204,7 +176,7 @@ def _features(args: argparse.Namespace, kind: str):
     return features_for(
         args.run, train=args.train, test=args.test, data=args.data, kind=kind, device=args.device,
         layout=args.layout, batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-        progress=True,
+        drop_unknown=args.drop_unknown_classes, progress=True,
     )
 
 
@@ -227,7 +199,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
         linear_probe,
         linear_probe_augmented,
         load_subject,
-        open_images,
+        open_eval_sets,
         save_result,
     )
 
@@ -235,8 +207,8 @@ def cmd_linear(args: argparse.Namespace) -> int:
         if not args.run:
             raise UserError("--augmented trains through the backbone: give a run directory or checkpoint.")
         subject = load_subject(args.run, device=args.device, layout=args.layout)
-        tr = open_images(subject, args.data, "train", cache_dir=args.cache_dir, progress=True)
-        te = open_images(subject, args.data, "test", cache_dir=args.cache_dir, progress=True)
+        tr, te = open_eval_sets(subject, args.data, cache_dir=args.cache_dir,
+                                drop_unknown=args.drop_unknown_classes, progress=True)
         if args.norm == "none":
             raise UserError("--augmented supports --norm bn or l2 (a BatchNorm or unit rows before the classifier).")
         res = linear_probe_augmented(subject, tr, te, norm=args.norm,
@@ -311,7 +283,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = build_report(args.run, data=args.data, device=args.device, queries=args.queries, k=args.k,
                         map_method=args.map, full=args.full, seed=args.seed, batch_size=args.batch_size,
-                        cache_dir=args.cache_dir, progress=True, out=args.out)
+                        cache_dir=args.cache_dir, drop_unknown=args.drop_unknown_classes, progress=True,
+                        out=args.out)
     print(f"wrote {path}")
     return 0
 
@@ -368,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", default="auto")
     e.add_argument("--cache-dir", default=None)
+    e.add_argument("--drop-unknown-classes", action="store_true", help=DROP_HELP)
     e.set_defaults(func=cmd_embed)
 
     def features_args(q: argparse.ArgumentParser, *, files: bool = True, kind: str | None = None) -> None:
@@ -385,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default="auto")
         q.add_argument("--cache-dir", default=None, help="decoded-image cache")
         q.add_argument("--no-cache", action="store_true", help="do not reuse or write RUN_DIR/eval/features")
+        q.add_argument("--drop-unknown-classes", action="store_true", help=DROP_HELP)
         q.add_argument("--seed", type=int, default=0)
 
     k = sub.add_parser("knn", help="weighted kNN sweep over k and t, of a run or of exported features",
@@ -464,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--batch-size", type=int, default=256)
     rp.add_argument("--device", default="auto")
     rp.add_argument("--cache-dir", default=None)
+    rp.add_argument("--drop-unknown-classes", action="store_true", help=DROP_HELP)
     rp.set_defaults(func=cmd_report)
 
     w = sub.add_parser("weights", help="check released NPID/PIC/SeLa weights against our backbones",

@@ -33,6 +33,11 @@ class DataConfig:
     test_data: str | None = field(
         default=None, metadata={"help": "evaluation source (default: the test split of --data)"}
     )
+    drop_unknown_classes: bool = field(
+        default=False,
+        metadata={"help": "leave out evaluation images whose class the training split does not have (their "
+                          "count is printed) instead of refusing the evaluation split"},
+    )
     cache_dir: str | None = field(
         default=None, metadata={"help": "decoded-image cache (default $INSTDISC_CACHE or ~/.cache/instdisc)"}
     )

@@ -39,7 +39,7 @@ from instdisc.methods import METHODS, EpochContext, Method
 from instdisc.models import build_backbone
 from instdisc.progress import Progress
 from instdisc.runtime import StopRequest, build_optimizer, load_optimizer_state
-from instdisc.sources import ImageSet, open_source
+from instdisc.sources import ImageSet, align_classes, open_source
 
 NonFiniteLossError = NonFiniteError  # the older name
 
@@ -356,7 +356,7 @@ def train_one_epoch(
 
 
 def open_sets(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
-    """The training set and, if one exists, the evaluation set."""
+    """The training set and, if one exists, the evaluation set (labelled by the training classes)."""
     d = cfg.data
     kw = dict(cache_dir=d.cache_dir, download=d.download, image_size=d.image_size, progress=dist.is_main())
     train = open_source(d.data, "train", **kw)
@@ -366,7 +366,9 @@ def open_sets(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
         if d.test_data:
             raise
         dist.print0(f"note: no test split for kNN monitoring ({e}).")
-        test = None
+        return train, None
+    if train.labels is not None:
+        test = align_classes(test, train.classes, drop_unknown=d.drop_unknown_classes)
     return train, test
 
 

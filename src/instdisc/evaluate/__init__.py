@@ -49,6 +49,7 @@ from instdisc.evaluate.extraction import (
     FeatureKind,
     extract,
     features_for,
+    open_eval_sets,
     open_images,
     split_stages,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "load_subject",
     "low_shot",
     "nearest",
+    "open_eval_sets",
     "open_images",
     "probe_augment_config",
     "resolve_backend",

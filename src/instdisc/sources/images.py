@@ -339,3 +339,41 @@ def _probe_size(data: bytes) -> tuple[int, int] | None:
             return img.size
     except Exception:
         return None
+
+
+def subset(images: ImageSet, keep: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> ImageSet:
+    """The images at indices `keep` (ascending), relabelled `labels` under `classes`.
+
+    Used by `instdisc.sources.classes.align_classes`; an evaluation split only (a training set's
+    indices are instance labels and are never renumbered).
+    """
+    keep = np.asarray(keep, dtype=np.int64)
+    whole = len(keep) == len(images)
+    meta = {**images.meta, **({} if whole else {"dropped_unknown": len(images) - len(keep)})}
+    kw = dict(name=images.name, split=images.split, meta=meta)
+    if isinstance(images, ArrayImageSet):
+        out = ArrayImageSet(images.images if whole else np.ascontiguousarray(images.images[keep]), labels,
+                            classes, **kw)
+        if whole:
+            out._cache_file = images._cache_file
+        return out
+    if isinstance(images, FileImageSet):
+        items = images.items if whole else _SubsetItems(images.items, keep)
+        return FileImageSet(items, labels, classes, image_size=images.image_size, **kw)
+    raise TypeError(f"cannot take a subset of {type(images).__name__}")
+
+
+class _SubsetItems:
+    """Some indices of another FileImageSet's byte sources (picklable, like them)."""
+
+    def __init__(self, base: _Items, keep: np.ndarray) -> None:
+        self.base, self.keep = base, keep
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def read(self, i: int) -> bytes:
+        return self.base.read(int(self.keep[i]))
+
+    def display(self, i: int) -> str:
+        return self.base.display(int(self.keep[i]))
