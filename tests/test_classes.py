@@ -19,13 +19,15 @@ COLOURS = {"a": (220, 30, 30), "b": (30, 220, 30), "c": (30, 30, 220), "d": (220
 PER_CLASS = 4
 
 
-def make_tree(root, splits):
-    """splits: {"train": "abc", "test": "bc"} -> root/<split>/<class>/<i>.png, one colour per class."""
+def make_tree(root, splits, colours=None):
+    """splits: {"train": "abc", "test": "bc"} -> root/<split>/<class>/<i>.png, one colour per class
+    (`colours` may give a class another class's colour)."""
+    colours = {**COLOURS, **(colours or {})}
     for split, classes in splits.items():
         for c in classes:
             (root / split / c).mkdir(parents=True)
             for i in range(PER_CLASS):
-                px = np.full((8, 8, 3), COLOURS[c], dtype=np.uint8)
+                px = np.full((8, 8, 3), colours[c], dtype=np.uint8)
                 px[0, 0] = i  # files differ, classes stay far apart
                 Image.fromarray(px).save(root / split / c / f"{i}.png")
     return root

@@ -181,7 +181,7 @@ def _features(args: argparse.Namespace, kind: str):
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
-    from instdisc.evaluate import format_table, knn_table, save_result
+    from instdisc.evaluate import format_table, knn_row, knn_table, save_result
 
     ev = _features(args, args.features)
     rows = knn_table(ev.train_x, ev.train_y, ev.test_x, ev.test_y, ks=args.k, ts=args.t,
@@ -189,8 +189,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
     print(format_table(rows, ["k", "t", "top1", "top5"]))
     save_result(ev.save_dir, "knn" if args.features == "embedding" else f"knn_{args.features}",
                 {"features": args.features, "rows": rows})
-    last_k = min(args.k[-1], ev.train_x.shape[0])
-    print(f"{next(r['top1'] for r in rows if r['k'] == last_k and r['t'] == args.t[-1]):.2f}")
+    print(f"{knn_row(rows, args.k[-1], args.t[-1])['top1']:.2f}")
     return 0
 
 
@@ -353,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
         if kind:
             q.add_argument("--features", choices=["embedding", "backbone"], default=kind,
                            help=f"embedding (the method's normalised output) or backbone (pooled trunk) (default {kind})")
-        q.add_argument("--data", help="source to evaluate on (default: the run's own; required for released weights)")
+        q.add_argument("--data", help="source to evaluate on (default: the run's own: its training source's train "
+                                      "split and the test split of its --test-data, if any; required for released weights)")
         q.add_argument("--layout", default=None, help="layout of released weights (default: detected)")
         q.add_argument("--batch-size", type=int, default=256, help="images per forward pass when embedding")
         q.add_argument("--device", default="auto")

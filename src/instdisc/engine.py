@@ -33,7 +33,6 @@ from instdisc.config import OptimConfig, TrainConfig
 from instdisc.dist import Env
 from instdisc.errors import CheckpointError, DataError, InstdiscWarning, NonFiniteError, UserError
 from instdisc.features import extract_features
-from instdisc.knn import knn_accuracy
 from instdisc.loader import TrainLoader, make_order
 from instdisc.methods import METHODS, EpochContext, Method
 from instdisc.models import build_backbone
@@ -375,24 +374,23 @@ def open_sets(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
 def evaluate_knn(
     method: Method, train: ImageSet, test: ImageSet, cfg: TrainConfig, env: Env, *, use_bank: bool
 ) -> dict[str, float]:
-    """Weighted kNN of test embeddings against the bank (cheap monitor) or re-embedded train set."""
+    """Weighted kNN (k = --knn-k, t = --knn-t) of test embeddings against the bank (cheap monitor)
+    or the re-embedded train set, through `instdisc.evaluate.knn_evaluate` like every evaluation."""
+    from instdisc.evaluate import knn_evaluate, knn_row, subject_of
+
     if train.labels is None or test.labels is None:
         return {}
-    a = cfg.aug
-    kw = dict(size=a.size, mean=a.mean, std=a.std, device=env.device, workers=cfg.data.workers)
-    was_training = method.training
-    method.eval()
-    bank = method.bank_features() if use_bank else None
-    if bank is None:
-        bank = extract_features(method.embed, train, **kw)
-    query = extract_features(method.embed, test, **kw)
-    method.train(was_training)
-    num_classes = max(len(train.classes), int(train.labels.max()) + 1)
-    res = knn_accuracy(
-        query, torch.from_numpy(test.labels), bank, torch.from_numpy(train.labels).to(bank.device),
-        k=cfg.run.knn_k, t=cfg.run.knn_t, num_classes=num_classes,
-    )
-    return {f"knn_{k}": v for k, v in res.items()}
+    bank = None
+    if use_bank:
+        was_training = method.training
+        method.eval()
+        bank = method.bank_features()
+        method.train(was_training)
+    k, t = cfg.run.knn_k, cfg.run.knn_t
+    rows = knn_evaluate(subject_of(method, cfg, env.device), train, test, ks=(k,), ts=(t,), bank=bank,
+                        keep_device=True, backend="torch")
+    row = knn_row(rows, k, t)
+    return {"knn_top1": row["top1"], "knn_top5": row["top5"]}
 
 
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:

@@ -60,7 +60,9 @@ def open_eval_sets(
     drop_unknown: bool = False,
     progress: bool = False,
 ):
-    """The train and test `ImageSet` of an evaluation, defaulting to the run's own source.
+    """The train and test `ImageSet` of an evaluation: those of `data`, else the run's own (its
+    training source's train split, and the test split of its --test-data if it had one, else of
+    its training source).
 
     The test split is labelled by the train split's class names (`instdisc.sources.align_classes`):
     a class the train split lacks is an error, unless ``drop_unknown`` (or, on the run's own data,
@@ -69,11 +71,13 @@ def open_eval_sets(
     from instdisc.sources import open_eval_split, open_source
 
     spec, kw = _open_kw(subject, data, cache_dir, progress)
+    test_spec = spec
     if data is None and subject is not None:
         drop_unknown = drop_unknown or bool(subject.config.get("data", {}).get("drop_unknown_classes"))
+        test_spec = subject.test_data or spec  # a run trained with --test-data is judged on it
     train = open_source(spec, "train", **kw)
     test = open_eval_split(
-        spec,
+        test_spec,
         "test",
         classes=train.classes if train.labels is not None else None,
         drop_unknown=drop_unknown,
@@ -111,11 +115,13 @@ def extract(
     batch_size: int = 256,
     cache: Path | None = None,
     progress: bool = False,
+    keep_device: bool = False,
 ) -> Tensor:
     """Features of every image (eval transform), row i = index i; cached as .npy when `cache` is set.
 
     The cache file name includes a hash of the weights' fingerprint, the source, split, kind and
-    transform, so a retrained run or another source never reads stale features.
+    transform, so a retrained run or another source never reads stale features. The features are
+    returned on the CPU, or (keep_device, no cache) on the subject's device.
     """
     from instdisc.features import extract_features, load_features, save_features
 
@@ -126,6 +132,7 @@ def extract(
                 images.name,
                 images.split,
                 len(images),
+                images.meta.get("dropped_unknown", 0),
                 kind,
                 subject.size,
                 list(subject.mean),
@@ -152,8 +159,9 @@ def extract(
             progress=progress,
         )
         .float()
-        .cpu()
     )
+    if not (keep_device and path is None):
+        feats = feats.cpu()
     if path is not None:
         meta = {
             "source": images.name,
@@ -200,6 +208,62 @@ class EvalFeatures:
     stage_dims: tuple[int, ...] = ()
 
 
+@torch.no_grad()
+def embed_pair(
+    subject: Subject,
+    train,
+    test,
+    kind: FeatureKind = "embedding",
+    *,
+    bank: Tensor | None = None,
+    batch_size: int = 256,
+    cache: Path | None = None,
+    progress: bool = False,
+    keep_device: bool = False,
+) -> EvalFeatures:
+    """The one way a model's train and test splits become labelled features for the protocols.
+
+    Every command that embeds (``knn``/``linear``/``lowshot``/``stages``/``report`` on a run, the
+    training loop's kNN monitor and final kNN, the demo, the GPU benchmark) comes through here, so
+    they share the eval transform, the feature cache and one class-count rule: C = the train
+    split's classes (the test split is already numbered by them, `open_eval_sets`).
+
+    Args:
+        train, test: `ImageSet`s, both labelled.
+        bank: use these (N, D) rows as the train features instead of embedding the train split
+            (the training loop's cheap monitor passes the memory bank).
+        cache, keep_device: as in `extract`.
+    Raises:
+        UserError: a split without labels.
+    """
+    if train.labels is None or test.labels is None:
+        raise UserError(
+            f"{train.name!r} has no labels: these protocols need labelled train and test splits."
+        )
+    module = subject.module
+    was_training = module.training
+    module.eval()  # BatchNorm on its running statistics; a training method is put back after
+    try:
+        kw = dict(batch_size=batch_size, cache=cache, progress=progress, keep_device=keep_device)
+        tx = bank if bank is not None else extract(subject, train, kind, **kw)
+        qx = extract(subject, test, kind, **kw)
+    finally:
+        module.train(was_training)
+    return EvalFeatures(
+        tx,
+        torch.from_numpy(train.labels).to(tx.device),
+        qx,
+        torch.from_numpy(test.labels).to(qx.device),
+        len(train.classes),
+        list(train.classes),
+        kind,
+        subject=subject,
+        train_images=train,
+        test_images=test,
+        stage_dims=stage_dims(subject) if kind == "stages" else (),
+    )
+
+
 def features_for(
     run: str | None = None,
     *,
@@ -233,26 +297,9 @@ def features_for(
         tr, te = open_eval_sets(
             subject, data, cache_dir=cache_dir, drop_unknown=drop_unknown, progress=progress
         )
-        if tr.labels is None or te.labels is None:
-            raise UserError(
-                f"{tr.name!r} has no labels: these protocols need labelled train and test splits."
-            )
-        tx = extract(subject, tr, kind, batch_size=batch_size, cache=cache, progress=progress)
-        qx = extract(subject, te, kind, batch_size=batch_size, cache=cache, progress=progress)
-        return EvalFeatures(
-            tx,
-            torch.from_numpy(tr.labels),
-            qx,
-            torch.from_numpy(te.labels),
-            len(tr.classes),
-            list(tr.classes),
-            kind,
-            save_dir=save_dir,
-            subject=subject,
-            train_images=tr,
-            test_images=te,
-            stage_dims=stage_dims(subject) if kind == "stages" else (),
-        )
+        ev = embed_pair(subject, tr, te, kind, batch_size=batch_size, cache=cache, progress=progress)
+        ev.save_dir = save_dir
+        return ev
     if not (train and test):
         raise UserError(
             "give a run directory / checkpoint, or both --train and --test feature files."

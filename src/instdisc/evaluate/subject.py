@@ -27,6 +27,7 @@ class Subject:
         backbone: (B, 3, H, W) -> (B, F) pooled backbone features.
         size, mean, std: the eval transform (`augment.preprocess`).
         data: the run's training source (default for --data), None for published weights.
+        test_data: the run's --test-data (its evaluation source when no --data is given), if any.
         image_size, workers, cache_dir: how the run opened its data.
         run_dir: results and feature caches go to run_dir/eval; None for published weights.
         fingerprint: identifies the weights (path, size, mtime) for the feature cache.
@@ -41,6 +42,7 @@ class Subject:
     std: tuple[float, float, float]
     device: torch.device
     data: str | None = None
+    test_data: str | None = None
     image_size: int | None = None
     workers: int = 4
     cache_dir: str | None = None
@@ -116,9 +118,25 @@ def _subject_from_run(
         raise CheckpointError(
             f"checkpoint {str(ck_path)!r} does not match its own config: {str(e).splitlines()[0]}"
         ) from None
-    method = method.to(dev).eval()
-    a = cfg.aug
     name = run_dir.name if run_dir is not None else ck_path.name
+    return subject_of(
+        method.to(dev).eval(), cfg, dev, name=name, run_dir=run_dir, fingerprint=_fingerprint(ck_path)
+    )
+
+
+def subject_of(
+    method: nn.Module,
+    cfg: Any,
+    device: torch.device,
+    *,
+    name: str = "model",
+    run_dir: Path | None = None,
+    fingerprint: str = "",
+) -> Subject:
+    """A method (trained, loaded or just built) and its `TrainConfig` -> `Subject`, evaluated with
+    the run's own eval transform and data. The training loop's kNN and the demo judge a model in
+    memory this way, through the same functions as a checkpoint."""
+    a = cfg.aug
     return Subject(
         name=f"{name} ({cfg.run.method}, {cfg.model.arch} w{cfg.model.width})",
         module=method,
@@ -127,13 +145,14 @@ def _subject_from_run(
         size=a.size,
         mean=tuple(a.mean),
         std=tuple(a.std),
-        device=dev,
+        device=torch.device(device),
         data=cfg.data.data,
+        test_data=cfg.data.test_data,
         image_size=cfg.data.image_size,
         workers=cfg.data.workers,
         cache_dir=cfg.data.cache_dir,
         run_dir=run_dir,
-        fingerprint=_fingerprint(ck_path),
+        fingerprint=fingerprint,
         config=cfg.to_dict(),
     )
 
