@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from instdisc.checkpoint import load_checkpoint
 from instdisc.cli import main as instdisc_main
-from instdisc.config import TrainConfig
+from instdisc.methods import read_run
+from instdisc.methods.build import resolve_device
 
 KNN_K = 200  # NPID's evaluation (Wu et al. 2018, Sec. 4.1)
 
@@ -62,8 +62,8 @@ def throughput(metrics: Path) -> dict[str, float]:
 
 def knn_of_checkpoint(run: Path, dev: torch.device) -> dict[str, Any]:
     """Weighted kNN of the run's last checkpoint, as `instdisc knn RUN -k 200` computes it."""
-    from instdisc.evaluate import knn_evaluate, knn_row, load_subject, open_eval_sets
     from instdisc.errors import DataError
+    from instdisc.evaluate import knn_evaluate, knn_row, load_subject, open_eval_sets
 
     subject = load_subject(run, device=dev)
     t = subject.config["run"]["knn_t"]
@@ -75,7 +75,7 @@ def knn_of_checkpoint(run: Path, dev: torch.device) -> dict[str, Any]:
         return {"knn_top1": None, "knn_top5": None, "knn_k": KNN_K, "test_images": 0}
     row = knn_row(knn_evaluate(subject, train, test, ks=(KNN_K,), ts=(t,), keep_device=True), KNN_K, t)
     return {"knn_top1": row["top1"], "knn_top5": row["top5"], "knn_k": KNN_K, "knn_t": t,
-            "test_images": len(test), "step": int(load_checkpoint(run)["state"]["step"])}
+            "test_images": len(test), "step": int(read_run(run)[1]["state"]["step"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     train_wall = time.perf_counter() - t0
     if rc != 0:
         return rc
-    cfg = TrainConfig.from_dict(load_checkpoint(out)["config"])
-    want = cfg.run.device
-    dev = torch.device("cuda" if want == "auto" and torch.cuda.is_available() else ("cpu" if want == "auto" else want))
+    cfg, _ = read_run(out)
+    dev = resolve_device(cfg.run.device)
     peak = peak_memory_mib(dev)  # of training: taken before the evaluation allocates its own
     res: dict[str, Any] = {
         "preset": args.config, "data": args.data, "flags": passthrough, "epochs": cfg.optim.epochs, "device": dev.type,

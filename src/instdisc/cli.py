@@ -31,18 +31,26 @@ DROP_HELP = ("leave out test images whose class the training split does not have
              "without it such a class is an error. Label ids always come from the training split's class names")
 
 
-def _pre_parse(argv: Sequence[str]) -> tuple[str, str | None]:
-    """The method decides which flags exist, and may come from the config file: find it first."""
-    from instdisc.config import load_preset
+def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
+    """The method decides which flags exist, and may come from the config file or, on --resume,
+    from the run itself: find it first. -> (method, config path, the TrainConfig of the run to
+    resume or None)."""
+    from instdisc.config import RunConfig, load_preset
+    from instdisc.methods import read_run
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", dest="run.method", default=None)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--out", dest="run.out", default=None)
     ns, _ = pre.parse_known_args(argv)
-    method = getattr(ns, "run.method")
-    if method is None and ns.config:
-        method = load_preset(ns.config).get("method")
-    return method or "npid", ns.config
+    preset = load_preset(ns.config) if ns.config else {}
+    method = getattr(ns, "run.method") or preset.get("method")
+    stored = None
+    if ns.resume:
+        stored = read_run(getattr(ns, "run.out") or preset.get("out") or RunConfig().out)[0]
+        method = method or stored.run.method  # the run's own method: --resume needs no --method
+    return method or "npid", ns.config, stored
 
 
 def _train_parser(method: str) -> argparse.ArgumentParser:
@@ -92,11 +100,11 @@ def _is_peer_failure(e: RuntimeError) -> bool:
 
 def cmd_train(argv: Sequence[str]) -> int:
     from instdisc import dist
-    from instdisc.checkpoint import load_checkpoint
-    from instdisc.config import TrainConfig, load_preset, resolve
+    from instdisc.config import absolute_paths, load_preset, resolve
     from instdisc.engine import fit
+    from instdisc.methods import read_run
 
-    method, config_path = _pre_parse(argv)
+    method, config_path, stored_run = _pre_parse(argv)
     from instdisc.methods import METHODS
 
     if method not in METHODS:
@@ -105,15 +113,18 @@ def cmd_train(argv: Sequence[str]) -> int:
     flags = {k: v for k, v in vars(args).items() if "." in k}
     preset = load_preset(config_path) if config_path else {}
     cfg = resolve(preset, flags, method)
+    absolute_paths(cfg)  # stored resolved: the run is found again from any working directory
     if args.resume:
         # The run's own config wins. Flags of this invocation only (device, progress, an early
         # stop) come from the command line; a few more may be changed on purpose (e.g. --epochs to
-        # extend a run); anything that would change the maths is refused.
-        stored = TrainConfig.from_dict(load_checkpoint(cfg.run.out)["config"])
+        # extend a run; --data for the same images at another path: fit compares their
+        # fingerprint); anything that would change the maths is refused.
+        stored = stored_run if stored_run is not None else read_run(cfg.run.out)[0]
+        absolute_paths(stored)
         invocation = {"run.device", "run.progress", "run.max_steps", "data.workers", "data.cache_dir", "run.out",
-                      "run.dist_timeout"}
+                      "run.dist_timeout", "data.data"}
         changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.ckpt_every_steps", "run.skip_nonfinite",
-                      "run.time_limit", "optim.optimizer_impl", "data.in_memory"}
+                      "run.time_limit", "optim.optimizer_impl", "data.in_memory", "data.drop_unknown_classes"}
         current, saved = cfg.to_dict(), stored.to_dict()
         if cfg.run.method != stored.run.method:  # the other method's own flags are not comparable
             raise UserError(
@@ -128,6 +139,8 @@ def cmd_train(argv: Sequence[str]) -> int:
                     f"{current[sec][name]!r}. Start a new run (another --out) instead."
                 )
         for dest in invocation | (changeable & set(flags)):
+            if dest == "data.data" and dest not in flags:
+                continue
             sec, name = dest.split(".", 1)
             setattr(getattr(stored, sec), name, getattr(getattr(cfg, sec), name))
         cfg = stored
@@ -157,7 +170,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from instdisc.evaluate import extract, load_subject, open_images
     from instdisc.features import save_features
 
-    subject = load_subject(args.run, device=args.device)
+    subject = load_subject(args.run, device=args.device, published_ok=False)
     images = open_images(subject, args.data, args.split, cache_dir=args.cache_dir,
                          drop_unknown=args.drop_unknown_classes, progress=True)
     feats = extract(subject, images, "embedding", batch_size=args.batch_size, progress=True)

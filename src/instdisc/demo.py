@@ -22,9 +22,9 @@ import torch
 
 from instdisc import dist
 from instdisc.config import resolve
-from instdisc.engine import build_method, fit, open_sets
+from instdisc.engine import fit, open_sets
 from instdisc.evaluate import knn_evaluate, knn_row, subject_of
-from instdisc.methods import Method
+from instdisc.methods import Method, build_method, load_run
 
 # Chosen for a 2-core CPU (evidence: docs/benchmarks.md). The 8x8 digits are stored at 16x16,
 # not 32x32: 4x fewer pixels buy 4x more steps, and NPID needs steps (each image is seen ~60 times).
@@ -74,10 +74,8 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None, overwrite: bool 
     t0 = time.perf_counter()
     fit(cfg, env, overwrite=overwrite)
     train_min = (time.perf_counter() - t0) / 60
-    ck = torch.load(f"{out}/checkpoints/last.pt", map_location="cpu", weights_only=True)
-    learned_model = build_method(cfg, len(train))
-    learned_model.load_state_dict(ck["model"])
-    learned = _knn_rows(learned_model.to(env.device), cfg, train, test, env.device)
+    learned_model, _, _ = load_run(out, env.device)
+    learned = _knn_rows(learned_model, cfg, train, test, env.device)
 
     k, t = cfg.run.knn_k, cfg.run.knn_t
     print()

@@ -1,6 +1,7 @@
 """What is evaluated: a run's model or published weights, as a `Subject` (the frozen model,
 its embedding and backbone, and the eval transform its features need). `load_subject` reads a run
-directory, an instdisc checkpoint or a released checkpoint (`instdisc.published`).
+directory or an instdisc checkpoint (through `instdisc.methods.load_run`'s functions, as
+``--resume`` does) or a released checkpoint (`instdisc.published`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from instdisc.errors import CheckpointError, UserError
+from instdisc.errors import UserError
 
 
 @dataclass
@@ -51,19 +52,17 @@ class Subject:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _fingerprint(path: Path) -> str:
     st = path.stat()
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def load_subject(
-    path: str | Path, *, device: str | torch.device = "auto", layout: str | None = None
+    path: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    layout: str | None = None,
+    published_ok: bool = True,
 ) -> Subject:
     """A run directory, an instdisc checkpoint or a published checkpoint -> `Subject`.
 
@@ -71,14 +70,20 @@ def load_subject(
         path: RUN_DIR, RUN_DIR/checkpoints/last.pt, or a released .pth/.pth.tar (see published.py).
         device: auto | cpu | cuda | cuda:N.
         layout: force a published layout (published.LAYOUTS); default: detect.
+        published_ok: False: only runs and instdisc checkpoints (anything else is "not an
+            instdisc checkpoint").
     """
     from instdisc import published
-    from instdisc.checkpoint import find_checkpoint, load_checkpoint
+    from instdisc.checkpoint import find_checkpoint
+    from instdisc.methods.build import read_run, resolve_device
 
-    dev = _device(device)
+    dev = resolve_device(device)
     p = Path(path)
-    if layout is None and p.is_dir():
-        ck = load_checkpoint(p)
+    if layout is None and (p.is_dir() or not published_ok):
+        _, ck = read_run(p)
+        if p.is_file():
+            run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
+            return _subject_from_run(ck, p, dev, run_dir=run_dir)
         return _subject_from_run(
             ck, find_checkpoint(p), dev, run_dir=p.parent if p.name == "checkpoints" else p
         )
@@ -107,21 +112,11 @@ def load_subject(
 def _subject_from_run(
     ck: dict[str, Any], ck_path: Path, dev: torch.device, *, run_dir: Path | None
 ) -> Subject:
-    from instdisc.config import TrainConfig
-    from instdisc.engine import build_method
+    from instdisc.methods.build import method_from_checkpoint
 
-    cfg = TrainConfig.from_dict(ck["config"])
-    method = build_method(cfg, int(ck["num_samples"]))
-    try:
-        method.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"checkpoint {str(ck_path)!r} does not match its own config: {str(e).splitlines()[0]}"
-        ) from None
+    method, cfg = method_from_checkpoint(ck, dev, where=f"checkpoint {str(ck_path)!r}")
     name = run_dir.name if run_dir is not None else ck_path.name
-    return subject_of(
-        method.to(dev).eval(), cfg, dev, name=name, run_dir=run_dir, fingerprint=_fingerprint(ck_path)
-    )
+    return subject_of(method, cfg, dev, name=name, run_dir=run_dir, fingerprint=_fingerprint(ck_path))
 
 
 def subject_of(

@@ -171,6 +171,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageSet",
     "align_classes",
+    "canonical_spec",
     "class_ids",
     "decode_image",
     "default_cache_dir",
@@ -315,6 +316,14 @@ def open_source(
         tree.close()
 
 
+def canonical_spec(spec: str) -> str:
+    """A source spec as a run stores it: a built-in name as given, a path made absolute (symlinks
+    resolved), so that the same data given by another path is recognised as the same."""
+    if _parse_builtin(spec) is not None:
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
 def open_eval_split(
     spec: str,
     split: str = "test",
@@ -408,7 +417,7 @@ def _materialise(
         bad = _structural_bad(tree, sel)
         if bad:
             raise _bad_files_error(name, bad, len(sel.names))
-        return FileImageSet(
+        streamed = FileImageSet(
             tree.items(sel.names),
             sel.labels,
             sel.classes,
@@ -417,6 +426,8 @@ def _materialise(
             image_size=image_size,
             meta=meta,
         )
+        streamed.member_keys = [f"{n}\0{tree.files.get(n, -1)}" for n in sel.names]
+        return streamed
     images, extra = _decode_to_array(
         tree, sel, image_size, progress=progress, desc=f"decode {Path(name).name} [{split}]"
     )

@@ -183,6 +183,9 @@ class FileImageSet(ImageSet):
             raise ValueError(f"{len(self.labels)} labels for {len(items)} images")
         self.items = items
         self.image_size = int(image_size or DEFAULT_FILE_IMAGE_SIZE)
+        # "relative name\0size" of each member, set by the opener: what identifies a streamed
+        # image without reading it (`instdisc.sources.fingerprint`), independent of where it lies
+        self.member_keys: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -359,7 +362,10 @@ def subset(images: ImageSet, keep: np.ndarray, labels: np.ndarray, classes: Sequ
         return out
     if isinstance(images, FileImageSet):
         items = images.items if whole else _SubsetItems(images.items, keep)
-        return FileImageSet(items, labels, classes, image_size=images.image_size, **kw)
+        out = FileImageSet(items, labels, classes, image_size=images.image_size, **kw)
+        keys = images.member_keys
+        out.member_keys = keys if whole or keys is None else [keys[i] for i in keep]
+        return out
     raise TypeError(f"cannot take a subset of {type(images).__name__}")
 
 
