@@ -27,12 +27,9 @@ from typing import Any
 
 import torch
 
-from instdisc.checkpoint import load_checkpoint
 from instdisc.cli import main as instdisc_main
-from instdisc.config import TrainConfig
-from instdisc.engine import build_method, open_sets
-from instdisc.features import extract_features
-from instdisc.knn import knn_accuracy
+from instdisc.dist import resolve_device
+from instdisc.methods import read_run
 
 KNN_K = 200  # NPID's evaluation (Wu et al. 2018, Sec. 4.1)
 
@@ -63,25 +60,22 @@ def throughput(metrics: Path) -> dict[str, float]:
             "epochs_done": epochs}
 
 
-@torch.no_grad()
 def knn_of_checkpoint(run: Path, dev: torch.device) -> dict[str, Any]:
-    ck = load_checkpoint(run)
-    cfg = TrainConfig.from_dict(ck["config"])
-    method = build_method(cfg, int(ck["num_samples"]))
-    method.load_state_dict(ck["model"])
-    method = method.to(dev).eval()
-    train, test = open_sets(cfg)
-    if test is None or train.labels is None or test.labels is None:
+    """Weighted kNN of the run's last checkpoint, as `instdisc knn RUN -k 200` computes it."""
+    from instdisc.errors import DataError
+    from instdisc.evaluate import knn_evaluate, knn_row, load_subject, open_eval_sets
+
+    subject = load_subject(run, device=dev)
+    t = subject.config["run"]["knn_t"]
+    try:
+        train, test = open_eval_sets(subject, None)
+    except DataError:
         return {"knn_top1": None, "knn_top5": None, "knn_k": KNN_K, "test_images": 0}
-    a = cfg.aug
-    kw = dict(size=a.size, mean=a.mean, std=a.std, device=dev, workers=cfg.data.workers)
-    bank = extract_features(method.embed, train, **kw)  # (N, D)
-    query = extract_features(method.embed, test, **kw)  # (Q, D)
-    num_classes = max(len(train.classes), int(train.labels.max()) + 1)
-    res = knn_accuracy(query, torch.from_numpy(test.labels), bank, torch.from_numpy(train.labels).to(dev),
-                       k=KNN_K, t=cfg.run.knn_t, num_classes=num_classes)
-    return {"knn_top1": res["top1"], "knn_top5": res["top5"], "knn_k": KNN_K, "knn_t": cfg.run.knn_t,
-            "test_images": len(test), "step": int(ck["state"]["step"])}
+    if train.labels is None or test.labels is None:
+        return {"knn_top1": None, "knn_top5": None, "knn_k": KNN_K, "test_images": 0}
+    row = knn_row(knn_evaluate(subject, train, test, ks=(KNN_K,), ts=(t,), keep_device=True), KNN_K, t)
+    return {"knn_top1": row["top1"], "knn_top5": row["top5"], "knn_k": KNN_K, "knn_t": t,
+            "test_images": len(test), "step": int(read_run(run)[1]["state"]["step"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     train_wall = time.perf_counter() - t0
     if rc != 0:
         return rc
-    cfg = TrainConfig.from_dict(load_checkpoint(out)["config"])
-    want = cfg.run.device
-    dev = torch.device("cuda" if want == "auto" and torch.cuda.is_available() else ("cpu" if want == "auto" else want))
+    cfg, _ = read_run(out)
+    dev = resolve_device(cfg.run.device)
     peak = peak_memory_mib(dev)  # of training: taken before the evaluation allocates its own
     res: dict[str, Any] = {
         "preset": args.config, "data": args.data, "flags": passthrough, "epochs": cfg.optim.epochs, "device": dev.type,

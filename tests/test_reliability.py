@@ -796,10 +796,11 @@ import json, sys
 import torch
 from instdisc import dist, engine
 from instdisc.config import resolve
+from instdisc.methods import build as building
 
-built = []
-build = engine.build_method
-engine.build_method = lambda cfg, n: built.append(build(cfg, n)) or built[-1]
+built = []  # every method fit builds, fresh or resumed (both go through methods.build.build_method)
+build = building.build_method
+building.build_method = lambda cfg, n: built.append(build(cfg, n)) or built[-1]
 env = dist.init_from_env("cpu", timeout_s=120)
 root, cases, common = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 for case, (method, own) in cases.items():

@@ -38,6 +38,8 @@ SOURCES_HELP = (
     "or a .tar/.tar.gz/.zip archive of an ImageFolder tree"
 )
 
+DROP_HELP = ("leave out test images whose class the training split does not have (the count is printed); "
+             "without it such a class is an error. Label ids always come from the training split's class names")
 
 class Parser(argparse.ArgumentParser):
     """An argparse parser whose refusals are one line, like our other errors (no usage block:
@@ -142,18 +144,26 @@ def layout_name(text: str) -> str:
     return text
 
 
-def _pre_parse(argv: Sequence[str]) -> tuple[str, str | None]:
-    """The method decides which flags exist, and may come from the config file: find it first."""
-    from instdisc.config import load_preset
+def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
+    """The method decides which flags exist, and may come from the config file or, on --resume,
+    from the run itself: find it first. -> (method, config path, the TrainConfig of the run to
+    resume or None)."""
+    from instdisc.config import RunConfig, load_preset
+    from instdisc.methods import read_run
 
     pre = Parser(add_help=False)
     pre.add_argument("--method", dest="run.method", default=None)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--out", dest="run.out", default=None)
     ns, _ = pre.parse_known_args(argv)
-    method = getattr(ns, "run.method")
-    if method is None and ns.config:
-        method = load_preset(ns.config).get("method")
-    return method or "npid", ns.config
+    preset = load_preset(ns.config) if ns.config else {}
+    method = getattr(ns, "run.method") or preset.get("method")
+    stored = None
+    if ns.resume:
+        stored = read_run(getattr(ns, "run.out") or preset.get("out") or RunConfig().out)[0]
+        method = method or stored.run.method  # the run's own method: --resume needs no --method
+    return method or "npid", ns.config, stored
 
 
 def _train_parser(method: str) -> argparse.ArgumentParser:
@@ -203,11 +213,11 @@ def _is_peer_failure(e: RuntimeError) -> bool:
 
 def cmd_train(argv: Sequence[str]) -> int:
     from instdisc import dist
-    from instdisc.checkpoint import load_checkpoint
-    from instdisc.config import TrainConfig, load_preset, resolve
+    from instdisc.config import absolute_paths, load_preset, resolve
     from instdisc.engine import fit
+    from instdisc.methods import read_run
 
-    method, config_path = _pre_parse(argv)
+    method, config_path, stored_run = _pre_parse(argv)
     from instdisc.methods import METHODS
 
     if method not in METHODS:
@@ -216,15 +226,19 @@ def cmd_train(argv: Sequence[str]) -> int:
     flags = {k: v for k, v in vars(args).items() if "." in k}
     preset = load_preset(config_path) if config_path else {}
     cfg = resolve(preset, flags, method)
+    absolute_paths(cfg)  # stored resolved: the run is found again from any working directory
     if args.resume:
         # The run's own config wins. Flags of this invocation only (device, progress, an early
         # stop) come from the command line; a few more may be changed on purpose (e.g. --epochs to
-        # extend a run); anything that would change the maths is refused.
-        stored = TrainConfig.from_dict(load_checkpoint(cfg.run.out)["config"])
+        # extend a run; --data for the same images at another path: fit compares their
+        # fingerprint); anything that would change the maths is refused.
+        stored = stored_run if stored_run is not None else read_run(cfg.run.out)[0]
+        absolute_paths(stored)
         invocation = {"run.device", "run.progress", "run.max_steps", "data.workers", "data.cache_dir", "run.out",
-                      "run.dist_timeout"}
-        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.ckpt_every_steps", "run.ckpt_every_epochs", "run.skip_nonfinite",
-                      "run.time_limit", "optim.optimizer_impl", "data.in_memory"}
+                      "run.dist_timeout", "data.data"}
+        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.ckpt_every_steps", "run.ckpt_every_epochs",
+                      "run.skip_nonfinite", "run.time_limit", "optim.optimizer_impl", "data.in_memory",
+                      "data.drop_unknown_classes"}
         current, saved = cfg.to_dict(), stored.to_dict()
         if cfg.run.method != stored.run.method:  # the other method's own flags are not comparable
             raise UserError(
@@ -239,6 +253,8 @@ def cmd_train(argv: Sequence[str]) -> int:
                     f"{current[sec][name]!r}. Start a new run (another --out) instead."
                 )
         for dest in invocation | (changeable & set(flags)):
+            if dest == "data.data" and dest not in flags:
+                continue
             sec, name = dest.split(".", 1)
             setattr(getattr(stored, sec), name, getattr(getattr(cfg, sec), name))
         cfg = stored
@@ -264,49 +280,18 @@ def cmd_train(argv: Sequence[str]) -> int:
     return 128 + metrics["signal"] if metrics.get("signal") else 0
 
 
-def _load_run(path: str, device: str):
-    """Checkpoint -> (method in eval mode on device, its TrainConfig)."""
-
-    from instdisc.checkpoint import load_checkpoint
-    from instdisc.config import TrainConfig
-    from instdisc.dist import resolve_device
-    from instdisc.engine import build_method
-    from instdisc.errors import CheckpointError
-    from instdisc.evaluate.subject import require_finite_weights
-
-    ck = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(ck["config"])
-    method = build_method(cfg, int(ck["num_samples"]))
-    try:
-        method.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path!r} does not match its own config: {str(e).splitlines()[0]}") from None
-    require_finite_weights(method, repr(str(path)))
-    dev = resolve_device(device)
-    return method.to(dev).eval(), cfg, dev
-
-
-def _embed(method, cfg, dev, data: str, split: str, batch_size: int, cache_dir: str | None, progress: bool = True):
-    from instdisc.features import extract_features
-    from instdisc.sources import open_source
-
-    images = open_source(data, split, cache_dir=cache_dir, image_size=cfg.data.image_size, progress=progress)
-    a = cfg.aug
-    feats = extract_features(
-        method.embed, images, size=a.size, mean=a.mean, std=a.std, batch_size=batch_size, device=dev,
-        workers=cfg.data.workers, desc=f"embed {split}", progress=progress,
-    )
-    return feats, images
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
+    from instdisc.evaluate import extract, load_subject, open_images
     from instdisc.features import save_features
 
-    method, cfg, dev = _load_run(args.run, args.device)
-    data = args.data or cfg.data.data
-    feats, images = _embed(method, cfg, dev, data, args.split, args.batch_size, args.cache_dir or cfg.data.cache_dir)
-    meta = {"source": data, "split": args.split, "checkpoint": str(args.run), "method": cfg.run.method,
-            "classes": images.classes}
+    subject = load_subject(args.run, device=args.device, published_ok=False)
+    images = open_images(subject, args.data, args.split, cache_dir=args.cache_dir,
+                         drop_unknown=args.drop_unknown_classes, progress=True)
+    feats = extract(subject, images, "embedding", batch_size=args.batch_size, progress=True)
+    meta = {"source": images.name, "split": args.split, "checkpoint": str(args.run),
+            "method": subject.config.get("run", {}).get("method"), "classes": images.classes}
+    if images.meta.get("dropped_unknown"):
+        meta["dropped_unknown"] = images.meta["dropped_unknown"]
     for p in save_features(args.out, feats, images.labels, meta, paths=images.paths()):
         print(f"wrote {p}")
     return 0
@@ -318,12 +303,12 @@ def _features(args: argparse.Namespace, kind: str):
     return features_for(
         args.run, train=args.train, test=args.test, data=args.data, kind=kind, device=args.device,
         layout=args.layout, batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-        progress=True,
+        drop_unknown=args.drop_unknown_classes, progress=True,
     )
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
-    from instdisc.evaluate import format_table, knn_table, save_result
+    from instdisc.evaluate import format_table, knn_row, knn_table, save_result
 
     ev = _features(args, args.features)
     rows = knn_table(ev.train_x, ev.train_y, ev.test_x, ev.test_y, ks=args.k, ts=args.t,
@@ -331,8 +316,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
     print(format_table(rows, ["k", "t", "top1", "top5"]))
     save_result(ev.save_dir, "knn" if args.features == "embedding" else f"knn_{args.features}",
                 {"features": args.features, "rows": rows})
-    last_k = min(args.k[-1], ev.train_x.shape[0])
-    print(f"{next(r['top1'] for r in rows if r['k'] == last_k and r['t'] == args.t[-1]):.2f}")
+    print(f"{knn_row(rows, args.k[-1], args.t[-1])['top1']:.2f}")
     return 0
 
 
@@ -341,7 +325,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
         linear_probe,
         linear_probe_augmented,
         load_subject,
-        open_images,
+        open_eval_sets,
         save_result,
     )
 
@@ -349,8 +333,8 @@ def cmd_linear(args: argparse.Namespace) -> int:
         if not args.run:
             raise UserError("--augmented trains through the backbone: give a run directory or checkpoint.")
         subject = load_subject(args.run, device=args.device, layout=args.layout)
-        tr = open_images(subject, args.data, "train", cache_dir=args.cache_dir, progress=True)
-        te = open_images(subject, args.data, "test", cache_dir=args.cache_dir, progress=True)
+        tr, te = open_eval_sets(subject, args.data, cache_dir=args.cache_dir,
+                                drop_unknown=args.drop_unknown_classes, progress=True)
         if args.norm == "none":
             raise UserError("--augmented supports --norm bn or l2 (a BatchNorm or unit rows before the classifier).")
         if args.lr is not None and len(args.lr) > 1:
@@ -430,7 +414,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = build_report(args.run, data=args.data, device=args.device, queries=args.queries, k=args.k,
                         map_method=args.map, full=args.full, seed=args.seed, batch_size=args.batch_size,
-                        cache_dir=args.cache_dir, progress=True, out=args.out)
+                        cache_dir=args.cache_dir, drop_unknown=args.drop_unknown_classes, progress=True,
+                        out=args.out)
     print(f"wrote {path}")
     return 0
 
@@ -509,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.add_argument("--cache-dir", default=None, help=CACHE_HELP)
+    e.add_argument("--drop-unknown-classes", action="store_true", help=DROP_HELP)
     e.set_defaults(func=cmd_embed)
 
     def features_args(q: argparse.ArgumentParser, *, files: bool = True, kind: str | None = None) -> None:
@@ -520,12 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
         if kind:
             q.add_argument("--features", choices=["embedding", "backbone"], default=kind,
                            help=f"embedding (the method's normalised output) or backbone (pooled trunk) (default {kind})")
-        q.add_argument("--data", help="source to evaluate on (default: the run's own; required for released weights)")
+        q.add_argument("--data", help="source to evaluate on (default: the run's own: its training source's train "
+                                      "split and the test split of its --test-data, if any; required for released weights)")
         q.add_argument("--layout", default=None, type=layout_name, help="layout of released weights (default: detected)")
         q.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
         q.add_argument("--device", default="auto", help=DEVICE_HELP)
         q.add_argument("--cache-dir", default=None, help=CACHE_HELP)
         q.add_argument("--no-cache", action="store_true", help="do not reuse or write RUN_DIR/eval/features")
+        q.add_argument("--drop-unknown-classes", action="store_true", help=DROP_HELP)
         q.add_argument("--seed", type=seed_int, default=0, help=SEED_HELP)
 
     k = sub.add_parser("knn", help="weighted kNN sweep over k and t, of a run or of exported features",
@@ -608,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
     rp.add_argument("--device", default="auto", help=DEVICE_HELP)
     rp.add_argument("--cache-dir", default=None, help=CACHE_HELP)
+    rp.add_argument("--drop-unknown-classes", action="store_true", help=DROP_HELP)
     rp.set_defaults(func=cmd_report)
 
     w = sub.add_parser("weights", help="check released NPID/PIC/SeLa weights against our backbones",

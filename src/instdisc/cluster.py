@@ -207,16 +207,15 @@ def run_clusters(
     """
     import torch
 
-    from instdisc.checkpoint import find_checkpoint, load_checkpoint
-    from instdisc.config import TrainConfig
+    from instdisc.checkpoint import find_checkpoint
     from instdisc.errors import CheckpointError, UserError
+    from instdisc.methods import read_run
     from instdisc.methods.sela import export_pseudo_labels
     from instdisc.sources import open_source
 
-    ck = load_checkpoint(run)
+    cfg, ck = read_run(run)  # the labels are all it needs: no model is built
     if ck.get("method") != "sela" or "labels" not in ck.get("model", {}):
         raise UserError(f"{str(run)!r} is a {ck.get('method')!r} run: only SeLa runs have cluster labels.")
-    cfg = TrainConfig.from_dict(ck["config"])
     labels = torch.as_tensor(ck["model"]["labels"])  # (H, N)
     sizes = cfg.method.head_sizes()
     ckpt_file = find_checkpoint(run)

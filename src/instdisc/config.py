@@ -29,13 +29,20 @@ from instdisc.errors import ConfigError, InstdiscWarning
 class DataConfig:
     data: str = field(
         default="digits",
-        metadata={"help": "digits | synthetic[:N] | cifar10 | cifar100 | a folder | a .tar/.tar.gz/.zip archive"},
+        metadata={"help": "digits | synthetic[:N] | cifar10 | cifar100 | a folder | a .tar/.tar.gz/.zip archive",
+                  "path": "source"},
     )
     test_data: str | None = field(
-        default=None, metadata={"help": "evaluation source (default: the test split of --data)"}
+        default=None, metadata={"help": "evaluation source (default: the test split of --data)", "path": "source"}
+    )
+    drop_unknown_classes: bool = field(
+        default=False,
+        metadata={"help": "leave out evaluation images whose class the training split does not have (their "
+                          "count is printed) instead of refusing the evaluation split"},
     )
     cache_dir: str | None = field(
-        default=None, metadata={"help": "decoded-image cache (default $INSTDISC_CACHE or ~/.cache/instdisc)"}
+        default=None,
+        metadata={"help": "decoded-image cache (default $INSTDISC_CACHE or ~/.cache/instdisc)", "path": "file"},
     )
     download: bool = field(default=False, metadata={"help": "download CIFAR from its official URL if absent"})
     image_size: int | None = field(
@@ -97,7 +104,7 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     method: str = field(default="npid", metadata={"help": "the method to train: a key of instdisc.methods.METHODS"})
-    out: str = field(default="runs/default", metadata={"help": "run directory"})
+    out: str = field(default="runs/default", metadata={"help": "run directory", "path": "file"})
     seed: int = field(default=0, metadata={"help": "seed of all randomness (model init, data order, augmentation)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
@@ -194,6 +201,23 @@ class TrainConfig:
             raise ConfigError(f"unknown method {out.run.method!r}; known: {', '.join(METHODS)}")
         out.method = _build(mcls.Config, d.get("method") or {})
         return out
+
+
+def absolute_paths(cfg: TrainConfig) -> None:
+    """Make every path of `cfg` absolute, in place (fields marked ``"path"`` in their metadata;
+    a source spec that names a built-in source stays as it is). A run stores its paths resolved,
+    so that ``--resume`` and the evaluation commands find its data from any working directory."""
+    from instdisc.sources import canonical_spec
+
+    for name in [*SECTIONS, "method"]:
+        section = getattr(cfg, name)
+        if section is None:
+            continue
+        for f in fields(section):
+            kind, value = f.metadata.get("path"), getattr(section, f.name)
+            if kind is None or not isinstance(value, str) or not value:
+                continue
+            setattr(section, f.name, canonical_spec(value) if kind == "source" else str(Path(value).expanduser().resolve()))
 
 
 def _to_plain(x: Any) -> Any:

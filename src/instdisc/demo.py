@@ -24,10 +24,9 @@ import torch
 
 from instdisc import dist
 from instdisc.config import resolve
-from instdisc.engine import build_method, fit, open_sets
-from instdisc.features import extract_features
-from instdisc.knn import knn_accuracy
-from instdisc.methods import Method
+from instdisc.engine import fit, open_sets
+from instdisc.evaluate import knn_evaluate, knn_row, subject_of
+from instdisc.methods import Method, build_method, load_run
 
 # Chosen for a 2-core CPU (evidence: docs/benchmarks.md). The 8x8 digits are stored at 16x16,
 # not 32x32: 4x fewer pixels buy 4x more steps, and NPID needs steps (each image is seen ~60 times).
@@ -54,15 +53,12 @@ DEMO_PRESET = {
 }
 
 
-def _knn_rows(method: Method, cfg, train, test) -> dict[str, float]:  # noqa: ANN001
-    """Weighted kNN at the run's (k, t) and 1-NN, on features recomputed with the eval transform."""
-    method.eval()
-    kw = dict(size=cfg.aug.size, mean=cfg.aug.mean, std=cfg.aug.std)
-    bank, query = extract_features(method.embed, train, **kw), extract_features(method.embed, test, **kw)
-    ytr, yte = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
-    weighted = knn_accuracy(query, yte, bank, ytr, k=cfg.run.knn_k, t=cfg.run.knn_t)["top1"]
-    nearest = knn_accuracy(query, yte, bank, ytr, k=1, t=cfg.run.knn_t)["top1"]
-    return {"weighted": weighted, "nn1": nearest}
+def _knn_rows(method: Method, cfg, train, test, device) -> dict[str, float]:  # noqa: ANN001
+    """Weighted kNN at the run's (k, t) and 1-NN, on features recomputed with the eval transform
+    (`instdisc.evaluate.knn_evaluate`, as every evaluation; one neighbour search for both)."""
+    k, t = cfg.run.knn_k, cfg.run.knn_t
+    rows = knn_evaluate(subject_of(method, cfg, device), train, test, ks=(k, 1), ts=(t,))
+    return {"weighted": knn_row(rows, k, t)["top1"], "nn1": knn_row(rows, 1, t)["top1"]}
 
 
 def _is_demo_run(out: str, cfg) -> bool:  # noqa: ANN001
@@ -94,15 +90,13 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None, overwrite: bool 
     assert test is not None
     # The same network (same seed) before any training, evaluated the same way.
     torch.manual_seed(cfg.run.seed)
-    rand = _knn_rows(build_method(cfg, len(train)).to(env.device), cfg, train, test)
+    rand = _knn_rows(build_method(cfg, len(train)).to(env.device), cfg, train, test, env.device)
 
     t0 = time.perf_counter()
     fit(cfg, env, overwrite=overwrite)
     train_min = (time.perf_counter() - t0) / 60
-    ck = torch.load(f"{out}/checkpoints/last.pt", map_location="cpu", weights_only=True)
-    learned_model = build_method(cfg, len(train))
-    learned_model.load_state_dict(ck["model"])
-    learned = _knn_rows(learned_model.to(env.device), cfg, train, test)
+    learned_model, _, _ = load_run(out, env.device)
+    learned = _knn_rows(learned_model, cfg, train, test, env.device)
 
     k, t = cfg.run.knn_k, cfg.run.knn_t
     print()

@@ -29,32 +29,22 @@ from torch import Tensor, nn
 
 from instdisc import __version__, dist
 from instdisc.augment import AugmentConfig, augment
-from instdisc.checkpoint import (
-    atomic_write_text,
-    checkpoint_dir,
-    load_checkpoint,
-    save_checkpoint,
-    write_failure,
-)
+from instdisc.checkpoint import atomic_write_text, checkpoint_dir, save_checkpoint, write_failure
 from instdisc.config import OptimConfig, TrainConfig
 from instdisc.dist import Env
 from instdisc.errors import CheckpointError, DataError, InstdiscWarning, NonFiniteError, UserError
 from instdisc.features import extract_features
-from instdisc.knn import knn_accuracy
 from instdisc.loader import TrainLoader, make_order
-from instdisc.methods import METHODS, EpochContext, Method
-from instdisc.models import build_backbone
+from instdisc.methods import EpochContext, Method
+from instdisc.methods import build as building
+from instdisc.methods.build import build_method  # noqa: F401  (its home is methods.build; kept importable here)
 from instdisc.progress import Progress
 from instdisc.runtime import StopRequest, build_optimizer, load_optimizer_state
-from instdisc.sources import ImageSet, open_source
+from instdisc.sources import ImageSet, align_classes, open_source
+from instdisc.sources.fingerprint import data_fingerprint
+from instdisc.sources.fingerprint import difference as fingerprint_difference
 
 NonFiniteLossError = NonFiniteError  # the older name
-
-
-def build_method(cfg: TrainConfig, num_samples: int) -> Method:
-    """Backbone + method from the config alone (also how `embed` rebuilds a checkpoint's model)."""
-    backbone, feat_dim = build_backbone(cfg.model.arch, width=cfg.model.width, cifar_stem=cfg.model.cifar_stem)
-    return METHODS[cfg.run.method](backbone, feat_dim, num_samples, cfg.method)
 
 
 def fill_size_defaults(cfg: TrainConfig, num_samples: int, num_classes: int) -> list[str]:
@@ -384,7 +374,7 @@ def train_one_epoch(
 
 
 def open_sets(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
-    """The training set and, if one exists, the evaluation set."""
+    """The training set and, if one exists, the evaluation set (labelled by the training classes)."""
     d = cfg.data
     kw = dict(cache_dir=d.cache_dir, download=d.download, image_size=d.image_size, progress=dist.is_main())
     train = open_source(d.data, "train", **kw)
@@ -394,31 +384,32 @@ def open_sets(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
         if d.test_data:
             raise
         dist.print0(f"note: no test split for kNN monitoring ({e}).")
-        test = None
+        return train, None
+    if train.labels is not None:
+        test = align_classes(test, train.classes, drop_unknown=d.drop_unknown_classes)
     return train, test
 
 
 def evaluate_knn(
     method: Method, train: ImageSet, test: ImageSet, cfg: TrainConfig, env: Env, *, use_bank: bool
 ) -> dict[str, float]:
-    """Weighted kNN of test embeddings against the bank (cheap monitor) or re-embedded train set."""
+    """Weighted kNN (k = --knn-k, t = --knn-t) of test embeddings against the bank (cheap monitor)
+    or the re-embedded train set, through `instdisc.evaluate.knn_evaluate` like every evaluation."""
+    from instdisc.evaluate import knn_evaluate, knn_row, subject_of
+
     if train.labels is None or test.labels is None:
         return {}
-    a = cfg.aug
-    kw = dict(size=a.size, mean=a.mean, std=a.std, device=env.device, workers=cfg.data.workers)
-    was_training = method.training
-    method.eval()
-    bank = method.bank_features() if use_bank else None
-    if bank is None:
-        bank = extract_features(method.embed, train, **kw)
-    query = extract_features(method.embed, test, **kw)
-    method.train(was_training)
-    num_classes = max(len(train.classes), int(train.labels.max()) + 1)
-    res = knn_accuracy(
-        query, torch.from_numpy(test.labels), bank, torch.from_numpy(train.labels).to(bank.device),
-        k=cfg.run.knn_k, t=cfg.run.knn_t, num_classes=num_classes,
-    )
-    return {f"knn_{k}": v for k, v in res.items()}
+    bank = None
+    if use_bank:
+        was_training = method.training
+        method.eval()
+        bank = method.bank_features()
+        method.train(was_training)
+    k, t = cfg.run.knn_k, cfg.run.knn_t
+    rows = knn_evaluate(subject_of(method, cfg, env.device), train, test, ks=(k,), ts=(t,), bank=bank,
+                        keep_device=True, backend="torch")
+    row = knn_row(rows, k, t)
+    return {"knn_top1": row["top1"], "knn_top5": row["top5"]}
 
 
 LOCK_NAME = ".lock"
@@ -502,19 +493,43 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
     return lock
 
 
-def restore_training(ck: dict[str, Any], method: Method, optimizer: torch.optim.Optimizer,
+def restore_training(ck: dict[str, Any], optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler) -> TrainState:
-    """Load a checkpoint's weights, buffers, optimizer and scaler in place; return its loop state."""
-    try:
-        method.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
+    """Load a checkpoint's optimizer and scaler in place (the method comes from
+    `methods.build.method_from_checkpoint`, with its weights and buffers); return its loop state."""
     try:
         load_optimizer_state(optimizer, ck["optimizer"])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"the checkpoint's optimizer state does not fit this model: {e}") from None
     scaler.load_state_dict(ck["scaler"])
     return TrainState(**ck["state"])
+
+
+def check_resume_epochs(state: TrainState, epochs: int) -> None:
+    """--resume --epochs N on a run already past N would rewrite its config and log, not continue it."""
+    done = state.epoch + (state.epoch_step > 0)  # an epoch under way counts as begun
+    if done > epochs:
+        raise UserError(
+            f"--resume --epochs {epochs}: this run is already in epoch {done} (step {state.step}), past {epochs}. "
+            f"Resuming cannot shorten a run; give --epochs {done} or more to continue it, or start a new run "
+            "(another --out)."
+        )
+
+
+def check_same_data(ck: dict[str, Any], fingerprint: dict[str, Any], train: ImageSet, spec: str) -> None:
+    """Refuse to resume on other training images than the checkpoint's (the same ones under
+    another path are fine). Checkpoints older than the fingerprint are checked by image count."""
+    saved = ck.get("data")
+    n = len(train)
+    if int(ck.get("num_samples", n)) != n:
+        why: str | None = f"it has {n} images now, the run trained on {ck['num_samples']}"
+    else:
+        why = None if saved is None else fingerprint_difference(saved, fingerprint, train)
+    if why:
+        raise DataError(
+            f"the training set changed: {spec!r} is not the data this run trained on ({why}). Resuming "
+            "would not continue the same run: restore the original images, or start a new run (another --out)."
+        )
 
 
 def restore_order_and_rng(ck: dict[str, Any], order_crc32: int, env: Env) -> None:
@@ -560,30 +575,33 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
     r, o = cfg.run, cfg.optim
     ck = None
     if resume:
-        ck = load_checkpoint(out, quarantine=env.is_main)
+        _, ck = building.read_run(out, quarantine=env.is_main)
         if ck.get("method") != r.method:
             raise CheckpointError(f"the checkpoint in {str(out)!r} is a {ck.get('method')!r} run, not {r.method!r}.")
+        check_resume_epochs(TrainState(**ck["state"]), o.epochs)
 
     train, test = open_sets(cfg)
     n = len(train)
     fill_size_defaults(cfg, n, len(train.classes))
-    if ck is not None and int(ck.get("num_samples", n)) != n:
-        raise CheckpointError(
-            f"the training set changed: {cfg.data.data!r} now has {n} images, the checkpoint was trained on "
-            f"{ck['num_samples']}. Resuming would not continue the same run; start a new one (another --out)."
-        )
+    fingerprint = data_fingerprint(train)  # saved in every checkpoint; a resume compares it
+    if ck is not None:
+        check_same_data(ck, fingerprint, train, cfg.data.data)
     # Same seed on every rank before building: identical initial weights and buffers.
     torch.manual_seed(r.seed)
     random.seed(r.seed)
     np.random.seed(r.seed)
-    method = build_method(cfg, n).to(env.device)
+    if ck is None:
+        method = building.build_method(cfg, n).to(env.device)
+    else:  # the run's own model, as every evaluation command rebuilds it (methods.load_run)
+        method, _ = building.method_from_checkpoint(ck, env.device, where=f"the checkpoint in {str(out)!r}")
+        method.train()
     if r.channels_last:
         method = method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(method, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 impl=o.optimizer_impl)
     amp = autocast_dtype(r.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
-    state = TrainState() if ck is None else restore_training(ck, method, optimizer, scaler)
+    state = TrainState() if ck is None else restore_training(ck, optimizer, scaler)
     dist.broadcast_buffers(method)
     model = wrap_for_training(method, env, compile=r.compile)
 
@@ -626,7 +644,8 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
         rngs = dist.all_gather_object(rng_state(env.device))  # one per rank, in rank order
         if env.is_main:
             save_checkpoint(out, {
-                "version": __version__, "method": r.method, "num_samples": n, "config": cfg.to_dict(), "model": method.state_dict(),
+                "version": __version__, "method": r.method, "num_samples": n, "data": fingerprint,
+                "config": cfg.to_dict(), "model": method.state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": dict(state.__dict__),
                 "sampler": sampler_state(), "rng": rngs, "world_size": env.world_size,
             })

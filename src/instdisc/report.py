@@ -270,6 +270,7 @@ def build_report(
     seed: int = 0,
     batch_size: int = 256,
     cache_dir: str | None = None,
+    drop_unknown: bool = False,
     progress: bool = False,
     out: str | Path | None = None,
 ) -> Path:
@@ -306,7 +307,7 @@ def build_report(
     ev = None
     try:
         ev = E.features_for(str(run), data=data, kind="embedding", device=device, batch_size=batch_size,
-                            cache_dir=cache_dir, progress=progress)
+                            cache_dir=cache_dir, drop_unknown=drop_unknown, progress=progress)
     except UserError as e:
         if data:  # a source the user asked for, that cannot be evaluated: an error, not a footnote
             raise
@@ -320,7 +321,8 @@ def build_report(
         img, cap = map_figure(ev.test_x, ev.test_y, ev.classes, method=map_method, max_points=map_points, seed=seed)
         figures.append(f"<h2>Test embedding in 2-D</h2>{_img(png_data_uri(img), '2-D map', cap)}")
         if full:
-            _run_full(ev, notes, data=data, device=device, batch_size=batch_size, cache_dir=cache_dir, progress=progress)
+            _run_full(ev, notes, data=data, device=device, batch_size=batch_size, cache_dir=cache_dir,
+                      drop_unknown=drop_unknown, progress=progress)
         if ev.subject is not None:
             section, cnotes = cluster_section(ev.subject, ev)
             notes += cnotes

@@ -47,8 +47,10 @@ from __future__ import annotations
 from instdisc.evaluate.extraction import (
     EvalFeatures,
     FeatureKind,
+    embed_pair,
     extract,
     features_for,
+    open_eval_sets,
     open_images,
     split_stages,
 )
@@ -56,6 +58,8 @@ from instdisc.evaluate.knn_eval import (
     DEFAULT_KS,
     FAISS_MIN_ROWS,
     faiss_available,
+    knn_evaluate,
+    knn_row,
     knn_scores,
     knn_table,
     nearest,
@@ -73,7 +77,7 @@ from instdisc.evaluate.linear import (
 from instdisc.evaluate.lowshot import LOW_SHOT_KS, low_shot, sample_per_class
 from instdisc.evaluate.results import format_table, load_results, save_result
 from instdisc.evaluate.stages import stage_table
-from instdisc.evaluate.subject import Subject, load_subject, stage_dims
+from instdisc.evaluate.subject import Subject, load_subject, stage_dims, subject_of
 
 __all__ = [
     "DEFAULT_KS",
@@ -85,10 +89,13 @@ __all__ = [
     "Norm",
     "Subject",
     "cosine_lrs",
+    "embed_pair",
     "extract",
     "faiss_available",
     "features_for",
     "format_table",
+    "knn_evaluate",
+    "knn_row",
     "knn_scores",
     "knn_table",
     "linear_probe",
@@ -97,6 +104,7 @@ __all__ = [
     "load_subject",
     "low_shot",
     "nearest",
+    "open_eval_sets",
     "open_images",
     "probe_augment_config",
     "resolve_backend",
@@ -104,6 +112,7 @@ __all__ = [
     "save_result",
     "split_stages",
     "stage_dims",
+    "subject_of",
     "stage_table",
     "train_linear",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from instdisc.errors import ConfigError, UserError
+from instdisc.errors import ConfigError, InstdiscWarning, UserError
 from instdisc.evaluate.subject import Subject, load_subject, stage_dims
 
 FeatureKind = Literal["embedding", "backbone", "stages"]
@@ -34,17 +35,9 @@ def _feature_fn(subject: Subject, kind: FeatureKind) -> Callable[[Tensor], Tenso
     raise ConfigError(f"unknown feature kind {kind!r}; choose embedding, backbone or stages.")
 
 
-def open_images(
-    subject: Subject | None,
-    data: str | None,
-    split: str,
-    *,
-    cache_dir: str | None = None,
-    progress: bool = False,
-):
-    """The `ImageSet` of one split, defaulting to the run's own source."""
-    from instdisc.sources import open_source
-
+def _open_kw(
+    subject: Subject | None, data: str | None, cache_dir: str | None, progress: bool
+) -> tuple[str, dict[str, Any]]:
     spec = data or (subject.data if subject is not None else None)
     if not spec:
         raise UserError(
@@ -52,14 +45,65 @@ def open_images(
         )
     # A run reopens its data as it trained on it; published weights get the source's default
     # (small images as they are, streamed ones resized to 256, then centre-cropped by preprocess).
-    image_size = subject.image_size if subject is not None else None
-    return open_source(
-        spec,
-        split,
+    return spec, dict(
         cache_dir=cache_dir or (subject.cache_dir if subject else None),
-        image_size=image_size,
+        image_size=subject.image_size if subject is not None else None,
         progress=progress,
     )
+
+
+def open_eval_sets(
+    subject: Subject | None,
+    data: str | None,
+    *,
+    cache_dir: str | None = None,
+    drop_unknown: bool = False,
+    progress: bool = False,
+):
+    """The train and test `ImageSet` of an evaluation: those of `data`, else the run's own (its
+    training source's train split, and the test split of its --test-data if it had one, else of
+    its training source).
+
+    The test split is labelled by the train split's class names (`instdisc.sources.align_classes`):
+    a class the train split lacks is an error, unless ``drop_unknown`` (or, on the run's own data,
+    the run was trained with ``--drop-unknown-classes``).
+    """
+    from instdisc.sources import open_eval_split, open_source
+
+    spec, kw = _open_kw(subject, data, cache_dir, progress)
+    test_spec = spec
+    if data is None and subject is not None:
+        drop_unknown = drop_unknown or bool(subject.config.get("data", {}).get("drop_unknown_classes"))
+        test_spec = subject.test_data or spec  # a run trained with --test-data is judged on it
+    train = open_source(spec, "train", **kw)
+    test = open_eval_split(
+        test_spec,
+        "test",
+        classes=train.classes if train.labels is not None else None,
+        drop_unknown=drop_unknown,
+        **kw,
+    )
+    return train, test
+
+
+def open_images(
+    subject: Subject | None,
+    data: str | None,
+    split: str,
+    *,
+    cache_dir: str | None = None,
+    drop_unknown: bool = False,
+    progress: bool = False,
+):
+    """One split of `open_eval_sets`; the train split alone needs no test split."""
+    if split == "train":
+        from instdisc.sources import open_source
+
+        spec, kw = _open_kw(subject, data, cache_dir, progress)
+        return open_source(spec, "train", **kw)
+    return open_eval_sets(
+        subject, data, cache_dir=cache_dir, drop_unknown=drop_unknown, progress=progress
+    )[1]
 
 
 @torch.no_grad()
@@ -71,11 +115,13 @@ def extract(
     batch_size: int = 256,
     cache: Path | None = None,
     progress: bool = False,
+    keep_device: bool = False,
 ) -> Tensor:
     """Features of every image (eval transform), row i = index i; cached as .npy when `cache` is set.
 
     The cache file name includes a hash of the weights' fingerprint, the source, split, kind and
-    transform, so a retrained run or another source never reads stale features.
+    transform, so a retrained run or another source never reads stale features. The features are
+    returned on the CPU, or (keep_device, no cache) on the subject's device.
     """
     from instdisc.features import extract_features, load_features, save_features
 
@@ -86,6 +132,7 @@ def extract(
                 images.name,
                 images.split,
                 len(images),
+                images.meta.get("dropped_unknown", 0),
                 kind,
                 subject.size,
                 list(subject.mean),
@@ -112,8 +159,9 @@ def extract(
             progress=progress,
         )
         .float()
-        .cpu()
     )
+    if not (keep_device and path is None):
+        feats = feats.cpu()
     if path is not None:
         meta = {
             "source": images.name,
@@ -160,6 +208,62 @@ class EvalFeatures:
     stage_dims: tuple[int, ...] = ()
 
 
+@torch.no_grad()
+def embed_pair(
+    subject: Subject,
+    train,
+    test,
+    kind: FeatureKind = "embedding",
+    *,
+    bank: Tensor | None = None,
+    batch_size: int = 256,
+    cache: Path | None = None,
+    progress: bool = False,
+    keep_device: bool = False,
+) -> EvalFeatures:
+    """The one way a model's train and test splits become labelled features for the protocols.
+
+    Every command that embeds (``knn``/``linear``/``lowshot``/``stages``/``report`` on a run, the
+    training loop's kNN monitor and final kNN, the demo, the GPU benchmark) comes through here, so
+    they share the eval transform, the feature cache and one class-count rule: C = the train
+    split's classes (the test split is already numbered by them, `open_eval_sets`).
+
+    Args:
+        train, test: `ImageSet`s, both labelled.
+        bank: use these (N, D) rows as the train features instead of embedding the train split
+            (the training loop's cheap monitor passes the memory bank).
+        cache, keep_device: as in `extract`.
+    Raises:
+        UserError: a split without labels.
+    """
+    if train.labels is None or test.labels is None:
+        raise UserError(
+            f"{train.name!r} has no labels: these protocols need labelled train and test splits."
+        )
+    module = subject.module
+    was_training = module.training
+    module.eval()  # BatchNorm on its running statistics; a training method is put back after
+    try:
+        kw = dict(batch_size=batch_size, cache=cache, progress=progress, keep_device=keep_device)
+        tx = bank if bank is not None else extract(subject, train, kind, **kw)
+        qx = extract(subject, test, kind, **kw)
+    finally:
+        module.train(was_training)
+    return EvalFeatures(
+        tx,
+        torch.from_numpy(train.labels).to(tx.device),
+        qx,
+        torch.from_numpy(test.labels).to(qx.device),
+        len(train.classes),
+        list(train.classes),
+        kind,
+        subject=subject,
+        train_images=train,
+        test_images=test,
+        stage_dims=stage_dims(subject) if kind == "stages" else (),
+    )
+
+
 def features_for(
     run: str | None = None,
     *,
@@ -172,12 +276,17 @@ def features_for(
     batch_size: int = 256,
     cache_dir: str | None = None,
     use_cache: bool = True,
+    drop_unknown: bool = False,
     progress: bool = False,
 ) -> EvalFeatures:
     """Labelled train and test features from a run / checkpoint (embedded, cached) or from files.
 
+    Label ids are the train split's: the test split is mapped onto its class names (``drop_unknown``:
+    see `open_eval_sets`); two feature files must carry the same class list in their .meta.json.
+
     Raises:
-        UserError: neither a run nor both files, or a source without labels.
+        UserError: neither a run nor both files, a source without labels, a test class the train
+            split lacks, or feature files whose class lists differ.
     """
     from instdisc.features import load_features
 
@@ -185,29 +294,12 @@ def features_for(
         subject = load_subject(run, device=device, layout=layout)
         save_dir = subject.run_dir / "eval" if subject.run_dir is not None else None
         cache = save_dir / "features" if save_dir is not None and use_cache else None
-        tr = open_images(subject, data, "train", cache_dir=cache_dir, progress=progress)
-        te = open_images(subject, data, "test", cache_dir=cache_dir, progress=progress)
-        if tr.labels is None or te.labels is None:
-            raise UserError(
-                f"{tr.name!r} has no labels: these protocols need labelled train and test splits."
-            )
-        tx = extract(subject, tr, kind, batch_size=batch_size, cache=cache, progress=progress)
-        qx = extract(subject, te, kind, batch_size=batch_size, cache=cache, progress=progress)
-        c = max(len(tr.classes), int(tr.labels.max()) + 1, int(te.labels.max()) + 1)
-        return EvalFeatures(
-            tx,
-            torch.from_numpy(tr.labels),
-            qx,
-            torch.from_numpy(te.labels),
-            c,
-            list(tr.classes),
-            kind,
-            save_dir=save_dir,
-            subject=subject,
-            train_images=tr,
-            test_images=te,
-            stage_dims=stage_dims(subject) if kind == "stages" else (),
+        tr, te = open_eval_sets(
+            subject, data, cache_dir=cache_dir, drop_unknown=drop_unknown, progress=progress
         )
+        ev = embed_pair(subject, tr, te, kind, batch_size=batch_size, cache=cache, progress=progress)
+        ev.save_dir = save_dir
+        return ev
     if not (train and test):
         raise UserError(
             "give a run directory / checkpoint, or both --train and --test feature files."
@@ -224,20 +316,50 @@ def features_for(
         )
     if tx.shape[1] != qx.shape[1]:
         raise UserError(f"train features have {tx.shape[1]} dims but test features {qx.shape[1]}.")
-    classes = _meta_classes(train)
-    c = max(len(classes), int(ty.max()) + 1, int(qy.max()) + 1)
-    return EvalFeatures(tx, ty, qx, qy, c, classes, kind="file")
+    classes, test_classes = _meta_classes(train), _meta_classes(test)
+    if classes is not None and test_classes is not None and classes != test_classes:
+        only_train = [c for c in classes if c not in test_classes]
+        only_test = [c for c in test_classes if c not in classes]
+        diff = "; ".join(
+            part
+            for part in (
+                f"only in --train: {', '.join(map(repr, only_train[:10]))}" if only_train else "",
+                f"only in --test: {', '.join(map(repr, only_test[:10]))}" if only_test else "",
+            )
+            if part
+        ) or "the same names in another order"
+        raise UserError(
+            f"--train {train} and --test {test} number their labels by different class lists "
+            f"({diff}), so their label ids do not mean the same classes. Export both from the same run "
+            "with `instdisc embed` (it numbers every split by the training split's classes)."
+        )
+    if classes is None or test_classes is None:
+        warnings.warn(
+            "a feature file has no class list in its .meta.json, so the two files' label ids cannot be "
+            "checked against each other; make sure both were numbered by the same classes.",
+            InstdiscWarning,
+            stacklevel=2,
+        )
+    classes = classes or test_classes or []
+    top = int(max(ty.max(), qy.max())) + 1 if len(ty) and len(qy) else 0
+    if classes and top > len(classes):
+        raise UserError(
+            f"the feature files hold label {top - 1} but their .meta.json lists {len(classes)} classes."
+        )
+    return EvalFeatures(tx, ty, qx, qy, len(classes) or top, classes, kind="file")
 
 
-def _meta_classes(npy: str) -> list[str]:
+def _meta_classes(npy: str) -> list[str] | None:
+    """The class list in FILE.meta.json; None when there is none (no meta file, or no classes)."""
     p = Path(npy)
     meta = p.with_name(p.name[: -len(".npy")] + ".meta.json") if p.name.endswith(".npy") else None
-    if meta is not None and meta.is_file():
-        try:
-            return list(json.loads(meta.read_text()).get("classes") or [])
-        except (ValueError, OSError):
-            return []
-    return []
+    if meta is None or not meta.is_file():
+        return None
+    try:
+        classes = json.loads(meta.read_text()).get("classes")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return [str(c) for c in classes] if isinstance(classes, list) and classes else None
 
 
 def split_stages(x: Tensor, dims: Sequence[int]) -> list[Tensor]:

@@ -1,6 +1,7 @@
 """kNN sweep: weighted kNN (Wu et al. 2018, Sec. 3.4) for several k and temperatures from one
-neighbour search, through the chunked torch path (`instdisc.knn`) or faiss for large banks; and
-`nearest`, the plain cosine neighbours the report's figures use.
+neighbour search, through the chunked torch path (`instdisc.knn`) or faiss for large banks;
+`knn_evaluate`, a model's kNN on two splits (what the training loop, the demo and the benchmarks
+report); and `nearest`, the plain cosine neighbours the report's figures use.
 """
 
 from __future__ import annotations
@@ -127,6 +128,38 @@ def knn_table(
     scores = knn_scores(test_x, train_x, train_y, ks=ks, ts=ts, num_classes=c, backend=backend)
     rows = [{"k": k, "t": t, **topk_accuracy(s, test_y)} for (k, t), s in scores.items()]
     return sorted(rows, key=lambda r: (r["t"], r["k"]))
+
+
+def knn_evaluate(
+    subject: Any,
+    train: Any,
+    test: Any,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    ts: Sequence[float] = (0.07,),
+    bank: Tensor | None = None,
+    batch_size: int = 256,
+    cache: Any = None,
+    backend: str = "auto",
+    progress: bool = False,
+    keep_device: bool = False,
+) -> list[dict[str, Any]]:
+    """Weighted kNN of a `Subject` on a train / test pair of `ImageSet`s: `embed_pair` then
+    `knn_table` (rows {"k", "t", "top1", "top5"}). ``bank``: train features to use instead of
+    embedding the train split (the training loop's monitor passes its memory bank)."""
+    from instdisc.evaluate.extraction import embed_pair
+
+    ev = embed_pair(subject, train, test, "embedding", bank=bank, batch_size=batch_size, cache=cache,
+                    progress=progress, keep_device=keep_device)
+    return knn_table(ev.train_x, ev.train_y, ev.test_x, ev.test_y, ks=ks, ts=ts,
+                     num_classes=ev.num_classes, backend=backend)
+
+
+def knn_row(rows: list[dict[str, Any]], k: int, t: float) -> dict[str, Any]:
+    """The row of (k, t) in `knn_table` rows; k is clipped to the bank as the sweep clips it."""
+    ks = sorted({r["k"] for r in rows})
+    k = min(k, ks[-1]) if ks else k
+    return next(r for r in rows if r["k"] == k and r["t"] == t)
 
 
 @torch.no_grad()

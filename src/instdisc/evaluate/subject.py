@@ -1,6 +1,7 @@
 """What is evaluated: a run's model or published weights, as a `Subject` (the frozen model,
 its embedding and backbone, and the eval transform its features need). `load_subject` reads a run
-directory, an instdisc checkpoint or a released checkpoint (`instdisc.published`).
+directory or an instdisc checkpoint (through `instdisc.methods.load_run`'s functions, as
+``--resume`` does) or a released checkpoint (`instdisc.published`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Subject:
         backbone: (B, 3, H, W) -> (B, F) pooled backbone features.
         size, mean, std: the eval transform (`augment.preprocess`).
         data: the run's training source (default for --data), None for published weights.
+        test_data: the run's --test-data (its evaluation source when no --data is given), if any.
         image_size, workers, cache_dir: how the run opened its data.
         run_dir: results and feature caches go to run_dir/eval; None for published weights.
         fingerprint: identifies the weights (path, size, mtime) for the feature cache.
@@ -41,6 +43,7 @@ class Subject:
     std: tuple[float, float, float]
     device: torch.device
     data: str | None = None
+    test_data: str | None = None
     image_size: int | None = None
     workers: int = 4
     cache_dir: str | None = None
@@ -70,7 +73,11 @@ def _fingerprint(path: Path) -> str:
 
 
 def load_subject(
-    path: str | Path, *, device: str | torch.device = "auto", layout: str | None = None
+    path: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    layout: str | None = None,
+    published_ok: bool = True,
 ) -> Subject:
     """A run directory, an instdisc checkpoint or a published checkpoint -> `Subject`.
 
@@ -78,15 +85,21 @@ def load_subject(
         path: RUN_DIR, RUN_DIR/checkpoints/last.pt, or a released .pth/.pth.tar (see published.py).
         device: auto | cpu | cuda | cuda:N.
         layout: force a published layout (published.LAYOUTS); default: detect.
+        published_ok: False: only runs and instdisc checkpoints (anything else is "not an
+            instdisc checkpoint").
     """
     from instdisc import published
-    from instdisc.checkpoint import find_checkpoint, load_checkpoint
+    from instdisc.checkpoint import find_checkpoint
     from instdisc.dist import resolve_device
+    from instdisc.methods.build import read_run
 
     dev = resolve_device(device)
     p = Path(path)
-    if layout is None and p.is_dir():
-        ck = load_checkpoint(p)
+    if layout is None and (p.is_dir() or not published_ok):
+        _, ck = read_run(p)
+        if p.is_file():
+            run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
+            return _subject_from_run(ck, p, dev, run_dir=run_dir)
         return _subject_from_run(
             ck, find_checkpoint(p), dev, run_dir=p.parent if p.name == "checkpoints" else p
         )
@@ -116,21 +129,27 @@ def load_subject(
 def _subject_from_run(
     ck: dict[str, Any], ck_path: Path, dev: torch.device, *, run_dir: Path | None
 ) -> Subject:
-    from instdisc.config import TrainConfig
-    from instdisc.engine import build_method
+    from instdisc.methods.build import method_from_checkpoint
 
-    cfg = TrainConfig.from_dict(ck["config"])
-    method = build_method(cfg, int(ck["num_samples"]))
-    try:
-        method.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"checkpoint {str(ck_path)!r} does not match its own config: {str(e).splitlines()[0]}"
-        ) from None
+    method, cfg = method_from_checkpoint(ck, dev, where=f"checkpoint {str(ck_path)!r}")
     require_finite_weights(method, repr(str(ck_path)))
-    method = method.to(dev).eval()
-    a = cfg.aug
     name = run_dir.name if run_dir is not None else ck_path.name
+    return subject_of(method, cfg, dev, name=name, run_dir=run_dir, fingerprint=_fingerprint(ck_path))
+
+
+def subject_of(
+    method: nn.Module,
+    cfg: Any,
+    device: torch.device,
+    *,
+    name: str = "model",
+    run_dir: Path | None = None,
+    fingerprint: str = "",
+) -> Subject:
+    """A method (trained, loaded or just built) and its `TrainConfig` -> `Subject`, evaluated with
+    the run's own eval transform and data. The training loop's kNN and the demo judge a model in
+    memory this way, through the same functions as a checkpoint."""
+    a = cfg.aug
     return Subject(
         name=f"{name} ({cfg.run.method}, {cfg.model.arch} w{cfg.model.width})",
         module=method,
@@ -139,13 +158,14 @@ def _subject_from_run(
         size=a.size,
         mean=tuple(a.mean),
         std=tuple(a.std),
-        device=dev,
+        device=torch.device(device),
         data=cfg.data.data,
+        test_data=cfg.data.test_data,
         image_size=cfg.data.image_size,
         workers=cfg.data.workers,
         cache_dir=cfg.data.cache_dir,
         run_dir=run_dir,
-        fingerprint=_fingerprint(ck_path),
+        fingerprint=fingerprint,
         config=cfg.to_dict(),
     )
 

@@ -17,4 +17,7 @@ METHODS: dict[str, type[Method]] = {
     "supervised": Supervised,
 }
 
-__all__ = ["METHODS", "EpochContext", "Method", "StepOutput"]
+# after METHODS: building looks methods up there
+from instdisc.methods.build import build_method, load_run, read_run  # noqa: E402
+
+__all__ = ["METHODS", "EpochContext", "Method", "StepOutput", "build_method", "load_run", "read_run"]

@@ -33,7 +33,7 @@ class SupervisedConfig:
     labels: str | None = field(
         default=None,
         metadata={"help": "an .npy of N integer labels in dataset order (e.g. SeLa's pseudo_labels/head0.npy); "
-                          "default: the source's ground truth"},
+                          "default: the source's ground truth", "path": "file"},
     )
     num_classes: int = field(
         default=0, metadata={"help": "classifier outputs; 0 = 1 + the largest label of --labels, or the training "

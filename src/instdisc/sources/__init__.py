@@ -23,9 +23,11 @@ Modules
     Decoding a whole split, the bad-file report, the small-or-large probe.
 ``cache``
     The uint8 ``.npy`` array cache.
+``classes``
+    Class numbering, and the mapping of an evaluation split onto the training split's classes.
 this package
-    `open_source`, which picks the reader for a spec, and the entry points of
-    ``instdisc data check``.
+    `open_source`, which picks the reader for a spec; `open_eval_split`, an evaluation split
+    with the training split's label ids; the entry points of ``instdisc data check``.
 
 Source specifications
 ---------------------
@@ -132,6 +134,7 @@ from instdisc.sources.cifar import (
     _read_cifar,
     download_cifar,
 )
+from instdisc.sources.classes import align_classes, class_ids
 from instdisc.sources.decode import (
     _bad_files_error,
     _decode_to_array,
@@ -169,10 +172,14 @@ __all__ = [
     "FileImageSet",
     "IMAGE_EXTENSIONS",
     "ImageSet",
+    "align_classes",
+    "canonical_spec",
+    "class_ids",
     "decode_image",
     "default_cache_dir",
     "download_cifar",
     "fit_image",
+    "open_eval_split",
     "open_source",
 ]
 
@@ -312,6 +319,38 @@ def open_source(
         tree.close()
 
 
+def canonical_spec(spec: str) -> str:
+    """A source spec as a run stores it: a built-in name as given, a path made absolute (symlinks
+    resolved), so that the same data given by another path is recognised as the same."""
+    if _parse_builtin(spec) is not None:
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def open_eval_split(
+    spec: str,
+    split: str = "test",
+    *,
+    classes: list[str] | None,
+    drop_unknown: bool = False,
+    **kw,
+) -> ImageSet:
+    """One split of a source for evaluation, its labels numbered by the training split's `classes`.
+
+    ``classes`` None (an unlabelled training set) leaves the labels as they are. Other keywords are
+    those of `open_source`.
+
+    Raises:
+        DataError: as `open_source`; or the split has a class the training split lacks (unless
+            ``drop_unknown``, which leaves those images out and says how many).
+    """
+    images = open_source(spec, split, **kw)
+    if classes is None:
+        return images
+    return align_classes(images, classes, drop_unknown=drop_unknown,
+                         what=f"the {split} split of {images.name}")
+
+
 def _open_tree_split(
     tree: _Tree,
     split: str,
@@ -381,7 +420,7 @@ def _materialise(
         bad = _structural_bad(tree, sel)
         if bad:
             raise _bad_files_error(name, bad, len(sel.names))
-        return FileImageSet(
+        streamed = FileImageSet(
             tree.items(sel.names),
             sel.labels,
             sel.classes,
@@ -390,6 +429,8 @@ def _materialise(
             image_size=image_size,
             meta=meta,
         )
+        streamed.member_keys = [f"{n}\0{tree.files.get(n, -1)}" for n in sel.names]
+        return streamed
     images, extra = _decode_to_array(
         tree, sel, image_size, progress=progress, desc=f"decode {Path(name).name} [{split}]", source=name
     )

@@ -194,6 +194,9 @@ class FileImageSet(ImageSet):
             raise ValueError(f"{len(self.labels)} labels for {len(items)} images")
         self.items = items
         self.image_size = int(image_size or DEFAULT_FILE_IMAGE_SIZE)
+        # "relative name\0size" of each member, set by the opener: what identifies a streamed
+        # image without reading it (`instdisc.sources.fingerprint`), independent of where it lies
+        self.member_keys: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -354,3 +357,44 @@ def _probe_size(data: bytes) -> tuple[int, int] | None:
             return img.size
     except Exception:
         return None
+
+
+def subset(images: ImageSet, keep: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> ImageSet:
+    """The images at indices `keep` (ascending), relabelled `labels` under `classes`.
+
+    Used by `instdisc.sources.classes.align_classes`; an evaluation split only (a training set's
+    indices are instance labels and are never renumbered).
+    """
+    keep = np.asarray(keep, dtype=np.int64)
+    whole = len(keep) == len(images)
+    meta = {**images.meta, **({} if whole else {"dropped_unknown": len(images) - len(keep)})}
+    kw = dict(name=images.name, split=images.split, meta=meta)
+    if isinstance(images, ArrayImageSet):
+        out = ArrayImageSet(images.images if whole else np.ascontiguousarray(images.images[keep]), labels,
+                            classes, **kw)
+        if whole:
+            out._cache_file = images._cache_file
+        return out
+    if isinstance(images, FileImageSet):
+        items = images.items if whole else _SubsetItems(images.items, keep)
+        out = FileImageSet(items, labels, classes, image_size=images.image_size, **kw)
+        keys = images.member_keys
+        out.member_keys = keys if whole or keys is None else [keys[i] for i in keep]
+        return out
+    raise TypeError(f"cannot take a subset of {type(images).__name__}")
+
+
+class _SubsetItems:
+    """Some indices of another FileImageSet's byte sources (picklable, like them)."""
+
+    def __init__(self, base: _Items, keep: np.ndarray) -> None:
+        self.base, self.keep = base, keep
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def read(self, i: int) -> bytes:
+        return self.base.read(int(self.keep[i]))
+
+    def display(self, i: int) -> str:
+        return self.base.display(int(self.keep[i]))

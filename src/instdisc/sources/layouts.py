@@ -2,7 +2,9 @@
 
 The order decided here is the dataset index (the instance label of NPID, PIC and SeLa), so it
 depends on names alone: an ImageFolder's classes and files are sorted, and PIC's zipped layout
-(``train.zip`` + ``train_map.txt``) follows its map line by line. The result is a `_Selection`;
+(``train.zip`` + ``train_map.txt``) follows its map line by line. The class ids a split gets here
+are its own; an evaluation split is renumbered onto its training split's classes by
+`instdisc.sources.classes.align_classes`. The result is a `_Selection`;
 nothing is decoded here.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from instdisc.errors import DataError
+from instdisc.sources.classes import number_classes
 from instdisc.sources.trees import _norm_member, _Tree, _ZipTree
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -168,7 +171,7 @@ def _imagefolder(tree: _Tree, split: str) -> _Selection:
                 "Expected <class>/<image> files, or images directly in the folder for an unlabelled source."
             )
         return _Selection(sorted(direct), None, [], "imagefolder-unlabelled", root)
-    classes = sorted(class_dirs)
+    classes, ids = number_classes(class_dirs)
     empty = [tree.display(base + c) for c in classes if not groups.get(c)]
     if empty:
         raise DataError(
@@ -178,10 +181,10 @@ def _imagefolder(tree: _Tree, split: str) -> _Selection:
         )
     names: list[str] = []
     labels: list[int] = []
-    for k, c in enumerate(classes):
+    for c in classes:
         members = sorted(groups[c])
         names.extend(members)
-        labels.extend([k] * len(members))
+        labels.extend([ids[c]] * len(members))
     return _Selection(names, np.asarray(labels, dtype=np.int64), classes, "imagefolder", root)
 
 
