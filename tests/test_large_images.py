@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +264,66 @@ def test_precropped_views_get_the_rest_of_the_recipe():
     assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="16x16"):
         augment(x, AugmentConfig(size=8), g1, cropped=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# instdisc data prepare
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prepare_shrinks_keeps_ratios_names_indices_and_labels(folder, tmp_path):
+    from instdisc.cli import main
+    from instdisc.prepare import MARKER
+
+    small = folder / "train" / "cat" / "zz_small.png"  # within the limit: copied byte for byte
+    Image.fromarray(photo(50, 70, seed=3)).save(small)
+    big_png = folder / "train" / "dog" / "zz_big.png"  # resized, and still a PNG
+    Image.fromarray(photo(200, 150, seed=4)).save(big_png)
+    dst = tmp_path / "prepared"
+    assert main(["data", "prepare", str(folder), str(dst), "--max-side", "100", "--workers", "0"]) == 0
+    assert (dst / MARKER).is_file()
+    for split in ("train", "test"):
+        a, b = open_source(str(folder), split, in_memory=False), open_source(str(dst), split, in_memory=False)
+        assert len(a) == len(b) and a.classes == b.classes and np.array_equal(a.labels, b.labels)
+        for i in range(len(a)):
+            pa, pb = Path(a.path(i)), Path(b.path(i))
+            assert pa.relative_to(folder) == pb.relative_to(dst)  # same index -> same image
+            wa, ha = Image.open(pa).size
+            wb, hb = Image.open(pb).size
+            assert max(wb, hb) == min(100, max(wa, ha))
+            assert abs(wb / hb - wa / ha) < 0.02 * wa / ha + 1 / min(wb, hb)  # rounding of the short side
+            assert Image.open(pb).format == Image.open(pa).format
+    assert (dst / "train" / "cat" / "zz_small.png").read_bytes() == small.read_bytes()
+    # Worker processes write the same bytes.
+    dst2 = tmp_path / "prepared2"
+    assert main(["data", "prepare", str(folder), str(dst2), "--max-side", "100", "--workers", "2"]) == 0
+    for f in dst.rglob("*.*"):
+        if f.name != MARKER:
+            assert (dst2 / f.relative_to(dst)).read_bytes() == f.read_bytes()
+
+
+def test_prepare_refuses_what_it_cannot_copy_faithfully(folder, tmp_path, capsys):
+    import tarfile
+
+    from instdisc.cli import main
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "x").write_text("")
+    assert main(["data", "prepare", str(folder), str(dst), "--max-side", "64"]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert main(["data", "prepare", "synthetic", str(tmp_path / "s"), "--max-side", "64"]) == 2
+    assert main(["data", "prepare", str(folder), str(tmp_path / "z"), "--max-side", "0"]) == 2
+    (folder / "train" / "cat" / "01.jpg").write_bytes(b"\xff\xd8not a jpeg")
+    assert main(["data", "prepare", str(folder), str(tmp_path / "bad"), "--max-side", "64", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "01.jpg" in err and "cannot be read" in err
+    # An archive with a top-level folder: the copy is a plain folder that lists the same.
+    (folder / "train" / "cat" / "01.jpg").write_bytes(jpeg_bytes(photo(100, 100)))
+    tar = tmp_path / "set.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(folder, arcname="imagenet-mini")
+    assert main(["data", "prepare", str(tar), str(tmp_path / "fromtar"), "--max-side", "64", "--workers", "0"]) == 0
+    a = open_source(str(tar), "train", in_memory=False)
+    b = open_source(str(tmp_path / "fromtar"), "train", in_memory=False)
+    assert len(a) == len(b) and np.array_equal(a.labels, b.labels)
