@@ -327,3 +327,53 @@ def test_prepare_refuses_what_it_cannot_copy_faithfully(folder, tmp_path, capsys
     a = open_source(str(tar), "train", in_memory=False)
     b = open_source(str(tmp_path / "fromtar"), "train", in_memory=False)
     assert len(a) == len(b) and np.array_equal(a.labels, b.labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ImageNet presets start
+# ---------------------------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+IMAGENET_PRESETS = ["npid_imagenet", "npid_imagenet_softmax", "pic_imagenet", "sela_imagenet"]
+
+
+def shrunk_method_flags(preset: dict) -> list[str]:
+    """The preset's own size hyper-parameters (negatives, queue, clusters, label passes, embedding
+    size: every int above 32, or int list entry) set to 4, so a 12-image folder can run them."""
+    from instdisc.methods import METHODS
+
+    fields = {f.name for f in __import__("dataclasses").fields(METHODS[preset["method"]].Config)}
+    out: list[str] = []
+    for k, v in preset.items():
+        if k not in fields:
+            continue
+        if isinstance(v, int) and not isinstance(v, bool) and v > 32:
+            out += [f"--{k.replace('_', '-')}", "4"]
+        elif isinstance(v, list) and v and all(isinstance(x, int) for x in v) and max(v) > 32:
+            out += [f"--{k.replace('_', '-')}", *["4"] * len(v)]
+    return out
+
+
+@pytest.mark.parametrize("name", IMAGENET_PRESETS)
+def test_imagenet_presets_start_on_large_jpegs(name, folder, tmp_path):
+    import json
+
+    from instdisc.cli import main
+    from instdisc.config import load_preset
+
+    path = CONFIGS / f"{name}.yaml"
+    header = "".join(ln for ln in path.read_text().splitlines(keepends=True) if ln.startswith("#"))
+    assert "Cost" in header and "Usage" in header  # each preset says what it costs and how to run it
+    preset = load_preset(path)
+    assert preset["aug_size"] >= 160 and not preset["cifar_stem"]
+    out = tmp_path / "run"
+    # Width 16, not 4 or 8: torch 2.13's CPU kernels corrupt the heap in the backward pass of a
+    # width-4/8 ResNet-18 (ImageNet stem) in channels_last at 224 px (seen at the base commit too).
+    rc = main(["train", "--config", str(path), "--data", str(folder), "--out", str(out), "--arch", "resnet18",
+               "--width", "16", "--batch-size", "4", "--max-steps", "2", "--workers", "0", "--device", "cpu",
+               "--no-progress", "--knn-every", "0", "--knn-k", "3", "--log-every", "1",
+               "--window", "0", "--stride", "0", *shrunk_method_flags(preset)])
+    assert rc == 0
+    steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["type"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps)
