@@ -227,6 +227,27 @@ def test_evaluation_view_is_resize_256_centre_crop_224_scaled(folder):
     top, left = int(round((nh - 112) / 2)), int(round((nw - 112) / 2))
     ref = np.asarray(r.crop((left, top, left + 112, top + 112)))
     assert np.array_equal(x[0].permute(1, 2, 0).numpy(), ref)
+    # Features (the kNN monitor, embed) are computed on that view.
+    from instdisc.features import extract_features
+
+    seen = []
+    feats = extract_features(lambda v: seen.append(v.shape) or v.flatten(1)[:, :5], images, size=112, workers=0)
+    assert feats.shape == (len(images), 5) and set(seen) == {(len(images), 3, 112, 112)}
+
+
+def test_crops_of_grey_and_palette_images_are_rgb(tmp_path):
+    d = tmp_path / "data" / "train" / "c"
+    d.mkdir(parents=True)
+    Image.fromarray(photo(120, 160)[..., 0]).save(d / "grey.jpg", quality=90)  # mode L
+    Image.fromarray(photo(100, 90)).convert("P").save(d / "palette.png")
+    Image.fromarray(photo(90, 130)).convert("CMYK").save(d / "cmyk.jpg")
+    images = open_source(str(tmp_path / "data"), "train")
+    assert isinstance(images, FileImageSet)
+    g = crop_generator(0, 0, 0)
+    (x,) = decode_crops(images, torch.arange(3), [(48, (0.2, 1.0), (3 / 4, 4 / 3))], g)
+    assert x.shape == (3, 48, 48, 3) and x.dtype == torch.uint8
+    grey = x[[i for i in range(3) if images.path(i).endswith("grey.jpg")][0]]
+    assert torch.equal(grey[..., 0], grey[..., 1]) and torch.equal(grey[..., 1], grey[..., 2])
 
 
 def test_loader_crops_each_view_from_the_whole_image_reproducibly(folder):

@@ -818,8 +818,8 @@ FAULTY_RANK = """
 import os, sys, time
 from instdisc.loader import TrainLoader
 epoch = TrainLoader.epoch
-def faulty(self, e, start_step=0):
-    for i, batch in enumerate(epoch(self, e, start_step)):
+def faulty(self, e, start_step=0, first_step=None):
+    for i, batch in enumerate(epoch(self, e, start_step, first_step)):
         if self.rank == 1 and (e, i) == (0, 2):
             open(os.environ["MARKER"], "w").close()
             if os.environ["FAULT"] == "die":

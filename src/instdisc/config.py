@@ -38,7 +38,8 @@ class DataConfig:
     )
     download: bool = field(default=False, metadata={"help": "download CIFAR from its official URL if absent"})
     image_size: int | None = field(
-        default=None, metadata={"help": "side of the stored images (default: the source's own for small images)"}
+        default=None, metadata={"help": "side of the stored images (default: the source's own for small images); large "
+                                         "images are cropped from the whole image at decode time, whatever this is"}
     )
     workers: int = field(default=4, metadata={"help": "decoding workers for streamed (large-image) sources"})
     in_memory: bool = field(
