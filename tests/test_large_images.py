@@ -334,6 +334,8 @@ def test_prepare_refuses_what_it_cannot_copy_faithfully(folder, tmp_path, capsys
     assert main(["data", "prepare", str(folder), str(dst), "--max-side", "64"]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert main(["data", "prepare", "synthetic", str(tmp_path / "s"), "--max-side", "64"]) == 2
+    assert main(["data", "prepare", str(folder), str(folder / "small"), "--max-side", "64"]) == 2
+    assert "inside SRC" in capsys.readouterr().err and not (folder / "small").exists()
     assert main(["data", "prepare", str(folder), str(tmp_path / "z"), "--max-side", "0"]) == 2
     (folder / "train" / "cat" / "01.jpg").write_bytes(b"\xff\xd8not a jpeg")
     assert main(["data", "prepare", str(folder), str(tmp_path / "bad"), "--max-side", "64", "--workers", "0"]) == 2

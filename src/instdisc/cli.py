@@ -347,7 +347,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from instdisc.prepare import prepare
 
-    workers = os.cpu_count() or 1 if args.workers is None else args.workers
+    workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     report = prepare(args.src, args.dst, max_side=args.max_side, quality=args.quality, workers=workers,
                      progress=True)
     print(report.format())

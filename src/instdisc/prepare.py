@@ -14,7 +14,8 @@ keeps what makes it the *same* data set:
 Only ImageFolder sources (a folder, or a .tar / .zip of one) are prepared; a file that does not
 decode stops the job with the same report as ``instdisc data check``. A marker file
 ``DST/.instdisc-prepared.json`` (source, max side, counts), written last, says the copy is
-complete; hidden files are not part of any listing.
+complete (hidden files are not part of any listing); an interrupted copy lacks it: delete DST and
+run the command again. DST must be new (or empty) and outside SRC.
 """
 
 from __future__ import annotations
@@ -139,6 +140,10 @@ def prepare(
     if _parse_builtin(src) is not None:
         raise UserError(f"{src!r} is a built-in source: it is small and needs no preparing.")
     out = Path(dst).expanduser()
+    src_path = Path(src).expanduser().resolve()
+    if src_path.is_dir() and out.resolve().is_relative_to(src_path):
+        raise UserError(f"DST {str(out)!r} is inside SRC {str(src_path)!r}: the copy would become part of the "
+                        "source it copies. Give a folder outside it.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{str(out)!r} already exists and is not an empty folder; give a new DST folder.")
     name, plans = plan_file_source(src, progress)
