@@ -400,3 +400,17 @@ def test_imagenet_presets_start_on_large_jpegs(name, folder, tmp_path):
     steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r["type"] == "step"]
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps)
+
+
+def test_an_explicit_image_size_keeps_the_squared_images_everywhere(folder):
+    # --image-size S: every image becomes an S x S square first, streamed or not, for training and
+    # evaluation alike (the behaviour of in-memory sources); no decode-time crops.
+    images = open_source(str(folder), "train", image_size=48)
+    assert isinstance(images, FileImageSet) and not images.whole_images
+    loader = TrainLoader(images, 4, seed=0, workers=0, views=[AugmentConfig(size=40)])
+    assert not loader.crops_at_decode
+    x, idx = next(loader.epoch(0))
+    assert isinstance(x, torch.Tensor) and x.shape == (4, 3, 48, 48)
+    assert torch.equal(x[0].permute(1, 2, 0), torch.from_numpy(images.read(int(idx[0]))))
+    ev = next(eval_batches(images, 2, workers=0, size=40))
+    assert ev.shape == (2, 3, 48, 48)  # as stored; preprocess then sizes it like an in-memory set

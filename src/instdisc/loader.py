@@ -180,7 +180,7 @@ class _FileBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Tensor:
         im, size = self.images, self.eval_size
-        if size is not None and isinstance(im, FileImageSet):
+        if size is not None and isinstance(im, FileImageSet) and im.whole_images:
             return torch.from_numpy(np.stack([im.read_eval(int(j), size) for j in self.batches[i]]))
         return torch.from_numpy(np.stack([im.read(int(j)) for j in self.batches[i]]))
 
@@ -214,9 +214,9 @@ class TrainLoader:
         workers: DataLoader workers for streamed sources.
         in_memory: False streams even an in-memory set through DataLoader workers (per-image reads
             on the host, then a copy to `device`): the same batches, by the slower path, to compare.
-        views: the augmentation of each view the loop will make. Given for a `FileImageSet`, the
-            workers crop every view at decode time and `epoch` yields a list of per-view
-            ``(b, 3, S, S)`` uint8 batches instead of one batch of whole images.
+        views: the augmentation of each view the loop will make. Given for a `FileImageSet` of
+            `whole_images`, the workers crop every view at decode time and `epoch` yields a list
+            of per-view ``(b, 3, S, S)`` uint8 batches instead of one batch of whole images.
 
     The order is drawn on the CPU (a CPU generator, so it is the same on every device and every
     rank and regenerable for resume) and, on the in-memory path, copied to the device once per
@@ -252,7 +252,8 @@ class TrainLoader:
         self.workers = workers
         held = in_memory and isinstance(images, ArrayImageSet)
         self.data = images_to_tensor(images, self.device) if held else None  # (N, H, W, 3) uint8
-        self.crops = crop_specs(views) if views is not None and isinstance(images, FileImageSet) else None
+        whole = isinstance(images, FileImageSet) and images.whole_images
+        self.crops = crop_specs(views) if views is not None and whole else None
 
     @property
     def crops_at_decode(self) -> bool:
@@ -323,9 +324,10 @@ def eval_batches(
 ) -> Iterator[Tensor]:
     """Images [start, stop) in dataset order, as (b, 3, H, W) uint8 batches on device.
 
-    ``size``: a `FileImageSet` then gives its evaluation view, the short side resized to
-    ``round(size * 256 / 224)`` and the centre ``size x size`` crop (`FileImageSet.read_eval`);
-    in-memory sets are returned as stored either way (`instdisc.augment.preprocess` sizes them).
+    ``size``: a `FileImageSet` of `whole_images` then gives its evaluation view, the short side
+    resized to ``round(size * 256 / 224)`` and the centre ``size x size`` crop
+    (`FileImageSet.read_eval`); other sets are returned as stored either way
+    (`instdisc.augment.preprocess` sizes them).
     """
     stop = len(images) if stop is None else stop
     if isinstance(images, ArrayImageSet):

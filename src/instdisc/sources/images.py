@@ -153,11 +153,12 @@ class ArrayImageSet(ImageSet):
 class FileImageSet(ImageSet):
     """Images decoded on demand from files, archive members or zip members (ImageNet scale).
 
-    Every member is listed when the set is opened, so indices are fixed. Training reads
-    ``read_crops`` (boxes drawn on the whole stored image, resized to each view's size),
-    evaluation ``read_eval`` (resize-256 + centre-crop-224, scaled); ``read(i)`` resizes the short
-    side to ``image_size`` and centre-crops a square. Safe to use from forked or spawned workers
-    (file handles are opened per process).
+    Every member is listed when the set is opened, so indices are fixed. ``read(i)`` resizes the
+    short side to ``image_size`` and centre-crops a square. Without an explicit ``image_size``
+    (`whole_images`), training reads ``read_crops`` instead (boxes drawn on the whole stored image,
+    resized to each view's size) and evaluation ``read_eval`` (resize-256 + centre-crop-224,
+    scaled); with one, every use sees the ``image_size`` squares, as an in-memory source would.
+    Safe to use from forked or spawned workers (file handles are opened per process).
 
     Args:
         items: the byte source of each index (internal).
@@ -165,8 +166,13 @@ class FileImageSet(ImageSet):
         classes: class names in label order.
         name: source name.
         split: ``"train"`` or ``"test"``.
-        image_size: side of the returned images (default `DEFAULT_FILE_IMAGE_SIZE`).
+        image_size: side of the images ``read`` returns (default `DEFAULT_FILE_IMAGE_SIZE`);
+            given, it also turns `whole_images` off.
         meta: free-form facts about the source.
+
+    Attributes:
+        whole_images: training views are cut from the whole stored image at decode time, and
+            evaluation reads the resize-256 + centre-crop-224 view (no ``image_size`` given).
     """
 
     def __init__(
@@ -185,6 +191,7 @@ class FileImageSet(ImageSet):
             raise ValueError(f"{len(self.labels)} labels for {len(items)} images")
         self.items = items
         self.image_size = int(image_size or DEFAULT_FILE_IMAGE_SIZE)
+        self.whole_images = image_size is None
 
     def __len__(self) -> int:
         return len(self.items)
