@@ -239,6 +239,50 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_is_bit_identical(tmp_p
     assert_same_run(ref, run)
 
 
+def large_image_folder(root: Path) -> Path:
+    """An ImageFolder of 24 large JPEGs (3:4, 4:3 and 1:3; above the in-memory limit, so streamed
+    and cropped at decode time), and 8 for the test split."""
+    rng = np.random.default_rng(0)
+    shapes = [(90, 120), (120, 90), (60, 180)]
+    for split, n in (("train", 24), ("val", 8)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n // 2):
+                h, w = shapes[i % 3]
+                a = np.clip(rng.normal(128, 60, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(root / split / c / f"{i:02d}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.parametrize("method", ["npid", "pic"])
+def test_large_images_sigkill_then_resume_is_bit_identical(tmp_path, method, one_thread):
+    # The decode-time crop path (DataLoader workers, crops per (seed, step, rank)); PIC's four
+    # crops per image are all drawn there. Same SIGKILL + --resume as above, on 24 large JPEGs.
+    data = large_image_folder(tmp_path / "data")
+    _, values = CASES[method]
+    common = ["--data", str(data), "--aug-size", "32", "--batch-size", "6", "--workers", "1"]
+
+    def args(out: Path) -> list[str]:
+        return [*train_args(out, method), *case_flags(values), *common]
+
+    ref = tmp_path / "ref"
+    assert main(args(ref)) == 0
+    assert final_checkpoint(ref)["config"]["data"]["data"] == str(data)
+    run = tmp_path / "run"
+    rng = random.Random(f"large-{method}")
+    k, delay = rng.randint(2, STEPS - 3), rng.uniform(0.0, 0.05)
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "instdisc", *args(run)], env=SUB_ENV,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        wait_for(lambda: logged_steps(run) >= k, proc, f"step {k}")
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)  # the DataLoader worker too
+        proc.wait(timeout=30)
+    assert 1 <= load_checkpoint(run)["state"]["step"] < STEPS
+    assert main([*args(run), "--resume"]) == 0
+    assert_same_run(ref, run)
+
+
 def test_stop_request_handles_the_first_signal_and_passes_on_the_second():
     from instdisc.runtime import StopRequest
 
@@ -816,8 +860,8 @@ FAULTY_RANK = """
 import os, sys, time
 from instdisc.loader import TrainLoader
 epoch = TrainLoader.epoch
-def faulty(self, e, start_step=0):
-    for i, batch in enumerate(epoch(self, e, start_step)):
+def faulty(self, e, start_step=0, first_step=None):
+    for i, batch in enumerate(epoch(self, e, start_step, first_step)):
         if self.rank == 1 and (e, i) == (0, 2):
             open(os.environ["MARKER"], "w").close()
             if os.environ["FAULT"] == "die":

@@ -9,7 +9,10 @@ the whole batch is augmented at once with a handful of tensor ops:
    a mirrored sampling grid, so it costs nothing extra). Same crop-box distribution as torchvision
    and the same pixels as ``F.interpolate(bilinear, align_corners=False)`` of the box; like
    ``interpolate`` without ``antialias``, a crop shrunk by more than ~2x aliases (torchvision's PIL
-   path antialiases). CIFAR crops are never shrunk;
+   path antialiases). CIFAR crops are never shrunk. Large images (ImageNet) are cropped at decode
+   time instead, in the DataLoader workers, with the same box distribution (`crop_boxes`) on the
+   whole stored image and an antialiased resize (`instdisc.loader`); ``augment(..., cropped=True)``
+   then starts at the flip;
 2. colour jitter in the fixed order brightness -> contrast -> saturation -> hue (torchvision draws a
    random order per image; a fixed order keeps the batch vectorised, and the distribution of
    outputs is very close). Hue is rotated in HSV, exactly as torchvision's ``adjust_hue``;
@@ -47,6 +50,7 @@ from torch import Tensor
 __all__ = [
     "CIFAR_MEAN",
     "CIFAR_STD",
+    "CROP_UNIFORMS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "AugmentConfig",
@@ -54,6 +58,7 @@ __all__ = [
     "augment",
     "apply_params",
     "blur_kernel_size",
+    "crop_boxes",
     "hsv_to_rgb",
     "identity_config",
     "preprocess",
@@ -89,6 +94,8 @@ _U_BLUR_SIGMA = 2 * _CROP_TRIES + 9
 _U_BLUR_P = 2 * _CROP_TRIES + 10
 _U_SOLARIZE = 2 * _CROP_TRIES + 11
 _N_UNIFORM = 2 * _CROP_TRIES + 12
+CROP_UNIFORMS = 2 * _CROP_TRIES + 2
+"""Uniforms per image that `crop_boxes` reads (its leading columns: scales, ratios, position)."""
 
 
 @dataclass
@@ -245,55 +252,95 @@ def _uniform(u: Tensor, lo: float, hi: float) -> Tensor:
     return lo + (hi - lo) * u
 
 
-def _crop_boxes(u: Tensor, height: int, width: int, cfg: AugmentConfig) -> Tensor:
-    """Vectorised torchvision ``RandomResizedCrop.get_params`` for a whole batch.
+def crop_boxes(
+    u: Tensor,
+    height: int | Tensor,
+    width: int | Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> Tensor:
+    """torchvision's ``RandomResizedCrop.get_params``, vectorised over a batch of images.
 
-    Each image gets ``_CROP_TRIES`` candidate (area, aspect) pairs; the first candidate that fits in
-    the image wins, and images for which none fits get torchvision's fallback (the largest centred
-    crop whose aspect ratio is clamped into ``cfg.ratio``).
+    The distribution of Szegedy et al. (2015, "Going deeper with convolutions"), as torchvision
+    draws it: up to ``_CROP_TRIES`` candidates of area ``U(scale) * H * W`` and aspect ratio
+    (width / height) ``exp(U(log ratio))``, side lengths rounded half to even; the first candidate
+    that fits wins and is placed uniformly over the valid integer offsets. An image for which none
+    fits gets the fallback: the largest centred box whose aspect ratio is clamped into ``ratio``
+    (the whole image when its own ratio is inside). The uniforms are drawn up front (a fixed count
+    per image), so the result is a pure function of ``u`` and the image sizes.
 
     Args:
-        u: (B, _N_UNIFORM) uniforms in [0, 1).
-        height: Input height H.
-        width: Input width W.
-        cfg: The config (scale, ratio).
+        u: (B, >= 2 * _CROP_TRIES + 2) uniforms in [0, 1): columns ``_U_SCALE``, ``_U_RATIO`` and
+            ``_U_POS``; other columns are ignored. Computed in ``u``'s dtype (float64 for large
+            images keeps every box exact to the pixel).
+        height: H, one int for the whole batch or a (B,) tensor (one per image).
+        width: W, likewise.
+        scale: (lo, hi) area fraction.
+        ratio: (lo, hi) aspect ratio.
 
     Returns:
         (B, 4) int64 boxes ``(top, left, h, w)`` in input pixels, with ``0 < h <= H``, ``0 < w <= W``.
     """
-    area = float(height * width)
-    target_area = area * _uniform(u[:, _U_SCALE], *cfg.scale)  # (B, T)
-    log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+    per_image = isinstance(height, Tensor) or isinstance(width, Tensor)
+    if per_image:
+        hh = torch.as_tensor(height, device=u.device).to(u.dtype).reshape(-1, 1)  # (B, 1)
+        ww = torch.as_tensor(width, device=u.device).to(u.dtype).reshape(-1, 1)
+        area: Tensor | float = hh * ww  # (B, 1)
+        hmax, wmax = hh.squeeze(1), ww.squeeze(1)  # (B,)
+    else:
+        area = float(height * width)
+        hh = ww = None
+        hmax, wmax = float(height), float(width)
+    target_area = area * _uniform(u[:, _U_SCALE], *scale)  # (B, T)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(_uniform(u[:, _U_RATIO], log_lo, log_hi))  # (B, T)
     # torch.round rounds half to even, like Python's round() used by torchvision.
     w = torch.round(torch.sqrt(target_area * aspect))  # (B, T)
     h = torch.round(torch.sqrt(target_area / aspect))  # (B, T)
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (B, T)
+    lim_w = width if not per_image else ww
+    lim_h = height if not per_image else hh
+    fits = (w > 0) & (w <= lim_w) & (h > 0) & (h <= lim_h)  # (B, T)
     # argmax returns the first maximal index, i.e. the first try that fits (0 if none fits).
     first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # (B, 1)
     ok = fits.any(dim=1)  # (B,)
     w = w.gather(1, first).squeeze(1)  # (B,)
     h = h.gather(1, first).squeeze(1)
 
-    # Fallback, identical for every image because it only depends on H, W and cfg.ratio.
-    in_ratio = width / height
-    if in_ratio < cfg.ratio[0]:
-        fw, fh = width, int(round(width / cfg.ratio[0]))
-    elif in_ratio > cfg.ratio[1]:
-        fh, fw = height, int(round(height * cfg.ratio[1]))
-    else:
-        fw, fh = width, height
-    fh, fw = min(max(fh, 1), height), min(max(fw, 1), width)
-    w = torch.where(ok, w, torch.full_like(w, fw))
-    h = torch.where(ok, h, torch.full_like(h, fh))
+    fh, fw = _fallback_sides(height, width, ratio, u)  # scalars, or (B,) tensors
+    w = torch.where(ok, w, fw)
+    h = torch.where(ok, h, fh)
 
     # Position: uniform over the valid integer offsets (torchvision: randint(0, H - h + 1)).
     pos = u[:, _U_POS]  # (B, 2)
-    top = torch.floor(pos[:, 0] * (height - h + 1)).clamp_(max=height - h)
-    left = torch.floor(pos[:, 1] * (width - w + 1)).clamp_(max=width - w)
-    top = torch.where(ok, top, torch.full_like(top, (height - fh) // 2))
-    left = torch.where(ok, left, torch.full_like(left, (width - fw) // 2))
+    top = torch.minimum(torch.floor(pos[:, 0] * (hmax - h + 1)), hmax - h)
+    left = torch.minimum(torch.floor(pos[:, 1] * (wmax - w + 1)), wmax - w)
+    top = torch.where(ok, top, torch.floor((hmax - fh) / 2))
+    left = torch.where(ok, left, torch.floor((wmax - fw) / 2))
     return torch.stack((top, left, h, w), dim=1).to(torch.int64)
+
+
+def _fallback_sides(
+    height: int | Tensor, width: int | Tensor, ratio: tuple[float, float], like: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Sides (h, w) of get_params' fallback box: the image, its aspect ratio clamped into ``ratio``.
+
+    Returns two tensors of ``like``'s dtype and device: 0-d for int sizes, (B,) for per-image ones.
+    """
+    hh = torch.as_tensor(height, dtype=torch.float64).to(like.device)
+    ww = torch.as_tensor(width, dtype=torch.float64).to(like.device)
+    in_ratio = ww / hh
+    tall, wide = in_ratio < ratio[0], in_ratio > ratio[1]
+    # Too tall: full width, height w / min ratio; too wide: full height, width h * max ratio.
+    fw = torch.where(wide, torch.round(hh * ratio[1]), ww)
+    fh = torch.where(tall, torch.round(ww / ratio[0]), hh)
+    fh = torch.minimum(fh.clamp(min=1), hh)
+    fw = torch.minimum(fw.clamp(min=1), ww)
+    return fh.to(like.dtype), fw.to(like.dtype)
+
+
+def _crop_boxes(u: Tensor, height: int, width: int, cfg: AugmentConfig) -> Tensor:
+    """`crop_boxes` with the config's scale and ratio (one input size for the whole batch)."""
+    return crop_boxes(u, height, width, cfg.scale, cfg.ratio)
 
 
 def sample_params(
@@ -814,7 +861,9 @@ def apply_params(x: Tensor, params: dict[str, Tensor], cfg: AugmentConfig) -> Te
 
 
 @torch.no_grad()
-def augment(x: Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> Tensor:
+def augment(
+    x: Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None, *, cropped: bool = False
+) -> Tensor:
     """Randomly augment a batch, each image with its own parameters.
 
     Args:
@@ -823,13 +872,22 @@ def augment(x: Tensor, cfg: AugmentConfig, generator: torch.Generator | None = N
         generator: The only source of randomness: a CPU generator (recommended: the parameters are
             then identical on every device) or one on ``x.device``. ``None`` uses torch's global
             CPU RNG.
+        cropped: ``x`` holds crops already drawn and resized to ``cfg.size`` (large images, where
+            the DataLoader workers crop each image at decode time, `instdisc.loader`): the crop is
+            the whole input and the rest of the recipe (flip, jitter, grayscale, blur, ...) runs
+            as usual. The generator advances exactly as it does without ``cropped``.
 
     Returns:
         (B, 3, cfg.size, cfg.size) float32 normalised views, on x's device.
     """
     _check_images(x)
     B, _, H, W = x.shape
+    if cropped and (H, W) != (cfg.size, cfg.size):
+        raise ValueError(f"cropped=True needs {cfg.size}x{cfg.size} inputs, got {H}x{W}")
     params = sample_params(B, H, W, cfg, generator, x.device)
+    if cropped:
+        full = torch.tensor([0, 0, H, W], dtype=torch.int64, device=params["crop"].device)
+        params["crop"] = full.expand(B, 4)  # (B, 4): the whole (already cropped) image
     return apply_params(x, params, cfg)
 
 

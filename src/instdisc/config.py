@@ -46,7 +46,10 @@ class DataConfig:
     )
     download: bool = field(default=False, metadata={"help": "download CIFAR from its official URL if absent"})
     image_size: int | None = field(
-        default=None, metadata={"help": "side of the stored images (default: the source's own for small images)"}
+        default=None, metadata={"help": "side of the stored images, made square by a short-side resize and a centre crop "
+                                         "(default: small images keep their size; large images are not squared: each "
+                                         "training view is cropped from the whole image, evaluation resizes to 256/224 "
+                                         "of --aug-size and centre-crops)"}
     )
     workers: int = field(default=4, metadata={"help": "decoding workers for streamed (large-image) sources"})
     in_memory: bool = field(

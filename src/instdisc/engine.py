@@ -34,7 +34,7 @@ from instdisc.config import OptimConfig, TrainConfig
 from instdisc.dist import Env
 from instdisc.errors import CheckpointError, DataError, InstdiscWarning, NonFiniteError, UserError
 from instdisc.features import extract_features
-from instdisc.loader import TrainLoader, make_order
+from instdisc.loader import TrainLoader, make_order, step_seed
 from instdisc.methods import EpochContext, Method
 from instdisc.methods import build as building
 from instdisc.methods.build import build_method  # noqa: F401  (its home is methods.build; kept importable here)
@@ -98,10 +98,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step) * 1_009 + rank
 
 
 def tensorboard_writer(log_dir: Path) -> Any:
@@ -329,12 +325,15 @@ def train_one_epoch(
     t0, seen = time.perf_counter(), 0
     if state.epoch_step == 0:
         state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
-    for x, idx in loader.epoch(state.epoch, start_step=state.epoch_step):
+    for x, idx in loader.epoch(state.epoch, start_step=state.epoch_step, first_step=state.step):
         s = step_seed(seed, state.step, loader.rank)
         torch.manual_seed(s)  # the method's own draws (e.g. NPID's negatives)
         gen = torch.Generator(device=device).manual_seed(s)
         with torch.no_grad():
-            views = [augment(x, vc, gen) for vc in view_cfgs]
+            if isinstance(x, list):  # large images: the workers cropped each view already
+                views = [augment(xv, vc, gen, cropped=True) for xv, vc in zip(x, view_cfgs, strict=True)]
+            else:
+                views = [augment(x, vc, gen) for vc in view_cfgs]
         if channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         for group in optimizer.param_groups:
@@ -362,10 +361,10 @@ def train_one_epoch(
             scaler.update()
             state.epoch_loss_sum += loss_value
             state.epoch_loss_steps += 1
-        seen += x.shape[0] * loader.world
+        seen += idx.shape[0] * loader.world
         state.step += 1
         state.epoch_step += 1
-        bar.update(x.shape[0] * loader.world, postfix=f"loss {loss_value:.4f} lr {lrs[state.step - 1]:.4g}")
+        bar.update(idx.shape[0] * loader.world, postfix=f"loss {loss_value:.4f} lr {lrs[state.step - 1]:.4g}")
         on_step(out, idx, skipped)
         if (max_steps and state.step >= max_steps) or (stop is not None and stop()):
             break
@@ -607,16 +606,17 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
 
     d = cfg.data
     order = make_order(d.sampler, n, seed=r.seed, window=d.window, stride=d.stride, batch_size=o.batch_size)
+    view_cfgs = method.views(cfg.aug)
     loader = TrainLoader(
         train, o.batch_size, seed=r.seed, rank=env.rank, world_size=env.world_size,
         device=env.device, workers=cfg.data.workers, order=order, in_memory=cfg.data.in_memory,
+        views=view_cfgs,
     )
     spe = loader.steps_per_epoch()
     lr_cfg = o
     if o.scale_lr:
         lr_cfg = OptimConfig(**{**o.__dict__, "lr": o.lr * o.batch_size / 256})
     lrs = lr_schedule(lr_cfg, spe)
-    view_cfgs = method.views(cfg.aug)
     log = MetricLog(out / "metrics.jsonl" if env.is_main else None)
     if env.is_main:
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))

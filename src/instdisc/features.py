@@ -52,7 +52,7 @@ def extract_features(
     lo, hi = min(rank * shard, n), min((rank + 1) * shard, n)
     outs = []
     bar = Progress(hi - lo, desc=desc, enabled=progress and dist.is_main())
-    for x in eval_batches(images, batch_size, start=lo, stop=hi, device=device, workers=workers):
+    for x in eval_batches(images, batch_size, start=lo, stop=hi, device=device, workers=workers, size=size):
         outs.append(fn(preprocess(x, size, mean=mean, std=std)).float())
         bar.update(x.shape[0])
     bar.close()
@@ -62,7 +62,7 @@ def extract_features(
         return local
     # Ranks past the end have no rows; they still need the shape to join the gather.
     if local is None:
-        probe = fn(preprocess(next(eval_batches(images, 1, device=device, workers=0)), size, mean=mean, std=std))
+        probe = fn(preprocess(next(eval_batches(images, 1, device=device, workers=0, size=size)), size, mean=mean, std=std))
         local = probe.float()[:0]
     pad = torch.zeros((shard - local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
     gathered = dist.all_gather_cat(torch.cat([local, pad]))  # (world * shard, ...)

@@ -3,27 +3,81 @@
 Small-image datasets live as one uint8 tensor on the training device (CIFAR-10 is 150 MB): a
 batch is an index_select, the shuffle is a seeded permutation, and augmentation runs batched on
 the same device (augment.py). No DataLoader workers, no per-image Python. Large-image sources
-(`FileImageSet`) stream through DataLoader workers that decode and resize; they yield the same
-batches in the same order, so the training loop does not care which path it is on.
+(`FileImageSet`) stream through DataLoader workers. For training, a worker draws each view's
+crop box on the whole stored image (torchvision's ``RandomResizedCrop`` distribution,
+`instdisc.augment.crop_boxes`), decodes only as much of the file as the boxes need (JPEG DCT
+scaling) and resizes each box, antialiased, to its view's size: the batch is then one uint8
+tensor per view, and flip, colour jitter, grayscale and blur run batched on the device as for
+small images (``augment(..., cropped=True)``). PIC's one large and several small crops are all
+drawn from the whole image. Evaluation batches are the resize-256 + centre-crop-224 view, scaled
+to the configured size (`instdisc.sources.images.FileImageSet.read_eval`).
 
-Randomness is a pure function of (seed, epoch): the data order of an epoch can be regenerated
-exactly, which is what makes mid-epoch resume exact without pickling iterator state.
+Randomness is a pure function of (seed, epoch) for the data order, and of (seed, step, rank) for
+the crops (`crop_generator`): both can be regenerated exactly, which is what makes mid-epoch
+resume exact without pickling iterator state.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from instdisc.augment import CROP_UNIFORMS, AugmentConfig, crop_boxes
 from instdisc.errors import ConfigError
-from instdisc.sources import ArrayImageSet, ImageSet
+from instdisc.sources import ArrayImageSet, FileImageSet, ImageSet
 
 # order(epoch) -> (L,) int64 indices to visit in that epoch (a permutation by default).
 Order = Callable[[int], Tensor]
+
+# What a worker needs of one view to crop it at decode time: (size, scale, ratio).
+CropSpec = tuple[int, tuple[float, float], tuple[float, float]]
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of every random draw of training step ``step`` on rank ``rank`` (data order aside)."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def crop_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """CPU generator of the decode-time crop boxes of (seed, step, rank).
+
+    Its own stream: seeded from `step_seed` through a fixed odd multiplier and offset, so the crop
+    uniforms are never the very draws the step's device-side augmentation generator (seeded with
+    `step_seed` itself) turns into flips and jitter.
+    """
+    s = (step_seed(seed, step, rank) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 63)
+    return torch.Generator().manual_seed(s)
+
+
+def crop_specs(views: Sequence[AugmentConfig]) -> list[CropSpec]:
+    """The crop part of each view's recipe, for the workers."""
+    return [(int(v.size), tuple(v.scale), tuple(v.ratio)) for v in views]  # type: ignore[misc]
+
+
+def decode_crops(
+    images: FileImageSet, idx: Tensor, views: Sequence[CropSpec], generator: torch.Generator
+) -> list[Tensor]:
+    """One batch's views, cropped at decode time: per view a (B, S, S, 3) uint8 tensor.
+
+    The generator gives ``(V, B, CROP_UNIFORMS)`` float64 uniforms in one draw (row b of view v is
+    image b's crop in that view), so the boxes depend on (generator state, image sizes) alone.
+    """
+    ids = [int(j) for j in idx]
+    u = torch.rand(len(views), len(ids), CROP_UNIFORMS, generator=generator, dtype=torch.float64)
+    data = [images.read_bytes(j) for j in ids]
+    wh = torch.tensor([images.size_of(j, d) for j, d in zip(ids, data, strict=True)], dtype=torch.float64)  # (B, 2)
+    boxes = [crop_boxes(u[v], wh[:, 1], wh[:, 0], scale, ratio).tolist()  # V x B x (top, left, h, w)
+             for v, (_, scale, ratio) in enumerate(views)]
+    sizes = [size for size, _, _ in views]
+    out = [np.empty((len(ids), s, s, 3), dtype=np.uint8) for s in sizes]
+    for b, (j, d) in enumerate(zip(ids, data, strict=True)):
+        for v, crop in enumerate(images.read_crops(j, d, [bx[b] for bx in boxes], sizes)):
+            out[v][b] = crop
+    return [torch.from_numpy(o) for o in out]
 
 
 def random_order(num_samples: int, seed: int) -> Order:
@@ -113,16 +167,38 @@ def images_to_tensor(images: ImageSet, device: torch.device | str = "cpu") -> Te
 
 
 class _FileBatches(torch.utils.data.Dataset):
-    """Decodes whole batches in a worker: item i of this dataset is batch i of `batches`."""
+    """Decodes whole batches in a worker: item i of this dataset is batch i of `batches`.
 
-    def __init__(self, images: ImageSet, batches: list[Tensor]) -> None:
-        self.images, self.batches = images, batches
+    With ``eval_size``, a `FileImageSet` gives its evaluation view at that size (`read_eval`).
+    """
+
+    def __init__(self, images: ImageSet, batches: list[Tensor], eval_size: int | None = None) -> None:
+        self.images, self.batches, self.eval_size = images, batches, eval_size
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> Tensor:
-        return torch.from_numpy(np.stack([self.images.read(int(j)) for j in self.batches[i]]))
+        im, size = self.images, self.eval_size
+        if size is not None and isinstance(im, FileImageSet) and im.whole_images:
+            return torch.from_numpy(np.stack([im.read_eval(int(j), size) for j in self.batches[i]]))
+        return torch.from_numpy(np.stack([im.read(int(j)) for j in self.batches[i]]))
+
+
+class _CropBatches(torch.utils.data.Dataset):
+    """Item k is batch k of `batches`, cropped at decode time for global step ``first_step + k``."""
+
+    def __init__(self, images: FileImageSet, batches: list[Tensor], views: list[CropSpec], *, seed: int,
+                 rank: int, first_step: int) -> None:
+        self.images, self.batches, self.views = images, batches, views
+        self.seed, self.rank, self.first_step = seed, rank, first_step
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> list[Tensor]:
+        g = crop_generator(self.seed, self.first_step + k, self.rank)
+        return decode_crops(self.images, self.batches[k], self.views, g)
 
 
 class TrainLoader:
@@ -138,6 +214,9 @@ class TrainLoader:
         workers: DataLoader workers for streamed sources.
         in_memory: False streams even an in-memory set through DataLoader workers (per-image reads
             on the host, then a copy to `device`): the same batches, by the slower path, to compare.
+        views: the augmentation of each view the loop will make. Given for a `FileImageSet` of
+            `whole_images`, the workers crop every view at decode time and `epoch` yields a list
+            of per-view ``(b, 3, S, S)`` uint8 batches instead of one batch of whole images.
 
     The order is drawn on the CPU (a CPU generator, so it is the same on every device and every
     rank and regenerable for resume) and, on the in-memory path, copied to the device once per
@@ -156,6 +235,7 @@ class TrainLoader:
         order: Order | None = None,
         workers: int = 4,
         in_memory: bool = True,
+        views: Sequence[AugmentConfig] | None = None,
     ) -> None:
         n = len(images)
         if batch_size % world_size:
@@ -166,17 +246,32 @@ class TrainLoader:
             )
         self.images, self.batch_size, self.rank, self.world = images, batch_size, rank, world_size
         self.local_batch = batch_size // world_size
+        self.seed = seed
         self.device = torch.device(device)
         self.order = order or random_order(n, seed)
         self.workers = workers
         held = in_memory and isinstance(images, ArrayImageSet)
         self.data = images_to_tensor(images, self.device) if held else None  # (N, H, W, 3) uint8
+        whole = isinstance(images, FileImageSet) and images.whole_images
+        self.crops = crop_specs(views) if views is not None and whole else None
+
+    @property
+    def crops_at_decode(self) -> bool:
+        """True when `epoch` yields per-view crops made by the workers (large images)."""
+        return self.crops is not None
 
     def steps_per_epoch(self, epoch: int = 0) -> int:
         return len(self.order(epoch)) // self.batch_size
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (x, idx): x (b, 3, H, W) uint8 on device, idx (b,) int64 dataset indices."""
+    def epoch(
+        self, epoch: int, start_step: int = 0, first_step: int | None = None
+    ) -> Iterator[tuple[Tensor | list[Tensor], Tensor]]:
+        """Yield (x, idx): x (b, 3, H, W) uint8 on device, idx (b,) int64 dataset indices.
+
+        When `crops_at_decode`, x is a list with one (b, 3, S_v, S_v) uint8 batch per view, and
+        ``first_step`` (the run's global step number of ``start_step``; default ``epoch *
+        steps + start_step``) seeds the crops of each step (`crop_generator`).
+        """
         order = self.order(epoch)  # (L,) int64 on the CPU
         steps = len(order) // self.batch_size
         lo = self.rank * self.local_batch
@@ -189,6 +284,19 @@ class TrainLoader:
         if self.data is not None:
             for idx in idx_batches:
                 yield self.data.index_select(0, idx).permute(0, 3, 1, 2), idx
+        elif self.crops is not None:
+            assert isinstance(self.images, FileImageSet)
+            first = epoch * steps + start_step if first_step is None else first_step
+            dl = torch.utils.data.DataLoader(
+                _CropBatches(self.images, idx_batches, self.crops, seed=self.seed, rank=self.rank, first_step=first),
+                batch_size=None,
+                num_workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=False,
+                worker_init_fn=_ignore_stop_signals,
+            )
+            for idx, xs in zip(idx_batches, dl, strict=True):
+                yield [x.to(self.device, non_blocking=True).permute(0, 3, 1, 2) for x in xs], idx.to(self.device)
         else:
             dl = torch.utils.data.DataLoader(
                 _FileBatches(self.images, idx_batches),
@@ -212,9 +320,15 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 def eval_batches(
     images: ImageSet, batch_size: int, *, start: int = 0, stop: int | None = None,
-    device: torch.device | str = "cpu", workers: int = 4,
+    device: torch.device | str = "cpu", workers: int = 4, size: int | None = None,
 ) -> Iterator[Tensor]:
-    """Images [start, stop) in dataset order, as (b, 3, H, W) uint8 batches on device."""
+    """Images [start, stop) in dataset order, as (b, 3, H, W) uint8 batches on device.
+
+    ``size``: a `FileImageSet` of `whole_images` then gives its evaluation view, the short side
+    resized to ``round(size * 256 / 224)`` and the centre ``size x size`` crop
+    (`FileImageSet.read_eval`); other sets are returned as stored either way
+    (`instdisc.augment.preprocess` sizes them).
+    """
     stop = len(images) if stop is None else stop
     if isinstance(images, ArrayImageSet):
         for s in range(start, stop, batch_size):
@@ -222,7 +336,7 @@ def eval_batches(
             yield x.to(device).permute(0, 3, 1, 2)
     else:
         batches = [torch.arange(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
-        dl = torch.utils.data.DataLoader(_FileBatches(images, batches), batch_size=None, num_workers=workers,
+        dl = torch.utils.data.DataLoader(_FileBatches(images, batches, size), batch_size=None, num_workers=workers,
                                          worker_init_fn=_ignore_stop_signals)  # e.g. the kNN monitor in training
         for x in dl:
             yield x.to(device).permute(0, 3, 1, 2)

@@ -84,13 +84,18 @@ in-memory set.
 *Large images* become a `FileImageSet`: every file is listed up front (so indices are fixed) and
 empty, missing or link members are rejected at open, but images are only decoded by ``read(i)``
 (typically in DataLoader workers); ``instdisc data check`` decodes everything ahead of time.
-``read(i)`` resizes the short side to ``image_size`` (default 256: room for the usual 224-px
-random crops) with bilinear filtering and centre-crops a square. Large images inside a
+Unless ``image_size`` is given, training crops them at decode time: ``read_crops(i, ...)``
+resizes boxes drawn on the whole stored image (see `instdisc.loader`), decoding JPEGs at the DCT
+scale the boxes allow; evaluation reads ``read_eval(i, size)``, the short side resized to
+``round(size * 256 / 224)`` and the centre ``size x size`` crop. ``read(i)`` (previews, reports,
+and every use when ``image_size`` is given) resizes the short side to ``image_size`` (default
+256) with bilinear filtering and centre-crops a square. Large images inside a
 *compressed* tar cannot be read at random; that case raises `DataError` suggesting to decompress
 (``gunzip``) or extract the archive.
 
 ``image_size`` given => every image of every source (built-ins included) is stored/returned as
-``image_size x image_size`` (short side resized, centre crop).
+``image_size x image_size`` (short side resized, centre crop), and training and evaluation start
+from those squares, streamed or not.
 
 Pixels
 ------

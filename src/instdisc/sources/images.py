@@ -164,9 +164,12 @@ class ArrayImageSet(ImageSet):
 class FileImageSet(ImageSet):
     """Images decoded on demand from files, archive members or zip members (ImageNet scale).
 
-    Every member is listed when the set is opened, so indices are fixed; ``read(i)`` decodes,
-    resizes the short side to ``image_size`` and centre-crops a square, so a DataLoader can stack
-    the results. Safe to use from forked or spawned workers (file handles are opened per process).
+    Every member is listed when the set is opened, so indices are fixed. ``read(i)`` resizes the
+    short side to ``image_size`` and centre-crops a square. Without an explicit ``image_size``
+    (`whole_images`), training reads ``read_crops`` instead (boxes drawn on the whole stored image,
+    resized to each view's size) and evaluation ``read_eval`` (resize-256 + centre-crop-224,
+    scaled); with one, every use sees the ``image_size`` squares, as an in-memory source would.
+    Safe to use from forked or spawned workers (file handles are opened per process).
 
     Args:
         items: the byte source of each index (internal).
@@ -174,8 +177,13 @@ class FileImageSet(ImageSet):
         classes: class names in label order.
         name: source name.
         split: ``"train"`` or ``"test"``.
-        image_size: side of the returned images (default `DEFAULT_FILE_IMAGE_SIZE`).
+        image_size: side of the images ``read`` returns (default `DEFAULT_FILE_IMAGE_SIZE`);
+            given, it also turns `whole_images` off.
         meta: free-form facts about the source.
+
+    Attributes:
+        whole_images: training views are cut from the whole stored image at decode time, and
+            evaluation reads the resize-256 + centre-crop-224 view (no ``image_size`` given).
     """
 
     def __init__(
@@ -197,6 +205,7 @@ class FileImageSet(ImageSet):
         # "relative name\0size" of each member, set by the opener: what identifies a streamed
         # image without reading it (`instdisc.sources.fingerprint`), independent of where it lies
         self.member_keys: list[str] | None = None
+        self.whole_images = image_size is None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -217,17 +226,97 @@ class FileImageSet(ImageSet):
         """
         i = self._check_index(i)
         s = self.image_size
-        try:
-            data = self.items.read(i)
-            img, _ = decode_image(data, draft=(s, s))
-        except (OSError, BadImageError) as e:
-            reason = e.reason if isinstance(e, BadImageError) else f"unreadable ({e})"
-            raise DataError(
-                f"image {i} of {self.name} ({self.items.display(i)}) cannot be decoded: {reason}. "
-                f"Run `instdisc data check {self.name}` to list every bad file, then fix or delete "
-                "them (the source's file list is fixed when it is opened, so changes need a restart)."
-            ) from None
+        img = self._decode(i, self.read_bytes(i), draft=(s, s))
         return np.array(fit_image(img, (s, s)))  # a fresh, writable array (asarray is read-only)
+
+    def read_bytes(self, i: int) -> bytes:
+        """The stored bytes of image ``i`` (raises DataError when they cannot be read)."""
+        i = self._check_index(i)
+        try:
+            return self.items.read(i)
+        except OSError as e:
+            raise self._unreadable(i, f"unreadable ({e})") from None
+
+    def size_of(self, i: int, data: bytes) -> tuple[int, int]:
+        """``(width, height)`` of image ``i`` from the header of its bytes ``data`` alone."""
+        wh = _probe_size(data)
+        if wh is None or not wh[0] or not wh[1]:
+            raise self._unreadable(i, "unreadable (no image header)")
+        return wh
+
+    def read_crops(
+        self, i: int, data: bytes, boxes: Sequence[tuple[int, int, int, int]], sizes: Sequence[int]
+    ) -> list[np.ndarray]:
+        """Crops of image ``i``: box k ``(top, left, h, w)`` (pixels of the stored image) resized
+        to ``sizes[k] x sizes[k]``, each an ``(S, S, 3)`` uint8 RGB array.
+
+        The file is decoded once for all boxes, at the smallest JPEG DCT scale (1/2, 1/4, 1/8)
+        that keeps every box at least its output size on both sides, so nothing is upsampled
+        that a full decode would have downsampled; each box is then resized with Pillow's
+        antialiased bilinear filter (torchvision's PIL ``resized_crop``).
+        """
+        i = self._check_index(i)
+        w0, h0 = self.size_of(i, data)
+        # The least reduction any box tolerates: its shorter side must still cover its output.
+        need = max(min(1.0, s / min(b[2], b[3])) for b, s in zip(boxes, sizes, strict=True))
+        img = self._decode(i, data, draft=(w0 * need, h0 * need))
+        return [resized_crop(img, (w0, h0), b, s) for b, s in zip(boxes, sizes, strict=True)]
+
+    def read_eval(self, i: int, size: int) -> np.ndarray:
+        """The evaluation view of image ``i``: short side resized to ``round(size * 256 / 224)``,
+        then the centre ``size x size`` crop (the usual resize-256 + centre-crop-224, scaled).
+        """
+        i = self._check_index(i)
+        short = eval_resize_side(size)
+        img = self._decode(i, self.read_bytes(i), draft=(short, short))
+        return centre_view(img, short, size)
+
+    def _decode(self, i: int, data: bytes, draft: tuple[float, float] | None) -> Image.Image:
+        try:
+            img, _ = decode_image(data, draft=draft)
+        except BadImageError as e:
+            raise self._unreadable(i, e.reason) from None
+        return img
+
+    def _unreadable(self, i: int, reason: str) -> DataError:
+        return DataError(
+            f"image {i} of {self.name} ({self.items.display(i)}) cannot be decoded: {reason}. "
+            f"Run `instdisc data check {self.name}` to list every bad file, then fix or delete "
+            "them (the source's file list is fixed when it is opened, so changes need a restart)."
+        )
+
+
+def eval_resize_side(size: int) -> int:
+    """Short side of the evaluation resize for a ``size`` crop: 256 for 224, in proportion otherwise."""
+    return max(size, round(size * 256 / 224))
+
+
+def centre_view(img: Image.Image, short: int, size: int) -> np.ndarray:
+    """Resize so the short side is ``short`` (antialiased bilinear), take the centre ``size`` square.
+
+    torchvision's ``Resize(short)`` + ``CenterCrop(size)``: the long side is truncated,
+    ``int(short * long / short_side)``, and the crop offset is ``round((L - size) / 2)``.
+    """
+    w, h = img.size
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
+    return np.array(img.crop((left, top, left + size, top + size)))  # (size, size, 3), writable
+
+
+def resized_crop(
+    img: Image.Image, full_wh: tuple[int, int], box: tuple[int, int, int, int], size: int
+) -> np.ndarray:
+    """Box ``(top, left, h, w)`` of an image stored at ``full_wh``, resized to ``size x size``.
+
+    ``img`` may be a reduced decode of that image (JPEG draft): the box is scaled to its pixels,
+    as a float box, so Pillow's resampling reads the same region whatever the reduction.
+    """
+    top, left, h, w = (float(v) for v in box)
+    sx, sy = img.size[0] / full_wh[0], img.size[1] / full_wh[1]
+    region = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    return np.asarray(img.resize((size, size), Image.BILINEAR, box=region))  # (size, size, 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +344,7 @@ def _is_truncation(e: BaseException) -> bool:
     )
 
 
-def decode_image(data: bytes, *, draft: tuple[int, int] | None = None) -> tuple[Image.Image, str]:
+def decode_image(data: bytes, *, draft: tuple[float, float] | None = None) -> tuple[Image.Image, str]:
     """Decode image bytes completely and convert them to RGB.
 
     ``Image.open`` only parses the header; the full ``load()`` is what catches truncated and
@@ -281,7 +370,7 @@ def decode_image(data: bytes, *, draft: tuple[int, int] | None = None) -> tuple[
         return _decode_image(data, draft)
 
 
-def _decode_image(data: bytes, draft: tuple[int, int] | None) -> tuple[Image.Image, str]:
+def _decode_image(data: bytes, draft: tuple[float, float] | None) -> tuple[Image.Image, str]:
     try:
         img = Image.open(io.BytesIO(data))
         mode = img.mode
