@@ -31,9 +31,10 @@ import torch
 import yaml
 
 from instdisc.augment import augment
-from instdisc.config import load_preset, resolve
+from instdisc.config import load_preset
 from instdisc.engine import autocast_dtype, build_method, step_seed
 from instdisc.loader import TrainLoader
+from instdisc.methods import resolve_config
 from instdisc.runtime import build_optimizer
 from instdisc.sources import open_source
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not sep:
             ap.error(f"--set takes KEY=VALUE, got {item!r}")
         overrides[key.replace("-", "_")] = yaml.safe_load(value)
-    cfg = resolve({**preset, **overrides, "data": args.data}, {}, method_name)
+    cfg = resolve_config({**preset, **overrides, "data": args.data}, {}, method_name)
     dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     train = open_source(cfg.data.data, "train", cache_dir=cfg.data.cache_dir, image_size=cfg.data.image_size,
                         progress=False)

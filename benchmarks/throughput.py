@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from instdisc.augment import augment
-from instdisc.config import resolve
 from instdisc.engine import NonFiniteGuard, autocast_dtype, build_method
 from instdisc.loader import TrainLoader
+from instdisc.methods import resolve_config
 from instdisc.sources import open_source
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     amp = autocast_dtype(args.precision, dev)
 
     def make(**method_kw):
-        cfg = resolve({"width": args.width, "batch_size": args.batch_size, **method_kw}, {}, "npid")
+        cfg = resolve_config({"width": args.width, "batch_size": args.batch_size, **method_kw}, {}, "npid")
         torch.manual_seed(0)
         m = build_method(cfg, len(train)).to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(m.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)

@@ -3,20 +3,21 @@ import json
 
 import pytest
 
-from instdisc.config import TrainConfig, add_train_arguments, load_preset, resolve
+from instdisc.config import add_train_arguments, load_preset
 from instdisc.errors import ConfigError
+from instdisc.methods import config_from_dict, method_config, resolve_config
 
 
 def parse(argv, method="npid"):
     p = argparse.ArgumentParser()
-    add_train_arguments(p, method)
+    add_train_arguments(p, method, method_config(method))
     return {k: v for k, v in vars(p.parse_args(argv)).items() if "." in k}
 
 
 def test_defaults_preset_flags_precedence(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("epochs: 7\nnce-k: 0\nlr: 0.5\naug_scale: [0.3, 0.9]\nmilestones: [3, 5]\n")
-    cfg = resolve(load_preset(preset), parse(["--lr", "0.1", "--nce-t", "0.2"]), "npid")
+    cfg = resolve_config(load_preset(preset), parse(["--lr", "0.1", "--nce-t", "0.2"]), "npid")
     assert cfg.optim.epochs == 7  # preset over default
     assert cfg.optim.lr == 0.1  # flag over preset
     assert cfg.method.nce_k == 0 and cfg.method.nce_t == 0.2
@@ -26,15 +27,15 @@ def test_defaults_preset_flags_precedence(tmp_path):
 
 
 def test_round_trip_through_json():
-    cfg = resolve({"epochs": 3, "width": 16}, parse(["--no-channels-last", "--nce-m", "0.7"]), "npid")
-    back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    cfg = resolve_config({"epochs": 3, "width": 16}, parse(["--no-channels-last", "--nce-m", "0.7"]), "npid")
+    back = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back.to_dict() == cfg.to_dict()
     assert back.run.channels_last is False and back.method.nce_m == 0.7
 
 
 def test_unknown_key_suggests_the_closest():
     with pytest.raises(ConfigError, match="Did you mean 'nce_k'"):
-        resolve({"nce_kk": 5}, {}, "npid")
+        resolve_config({"nce_kk": 5}, {}, "npid")
 
 
 @pytest.mark.parametrize(
@@ -45,7 +46,7 @@ def test_unknown_key_suggests_the_closest():
 )
 def test_bad_values_are_config_errors(preset):
     with pytest.raises(ConfigError):
-        resolve(preset, {}, "npid")
+        resolve_config(preset, {}, "npid")
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
@@ -63,4 +64,4 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def test_unknown_method():
     with pytest.raises(ConfigError):
-        resolve({}, {}, "simclr2000")
+        resolve_config({}, {}, "simclr2000")

@@ -22,10 +22,10 @@ import torch
 from instdisc import runtime
 from instdisc.augment import AugmentConfig, apply_params, augment, sample_params
 from instdisc.cli import main
-from instdisc.config import resolve
 from instdisc.engine import build_method, step_seed
 from instdisc.errors import ConfigError, InstdiscWarning
 from instdisc.loader import TrainLoader, random_order
+from instdisc.methods import resolve_config
 from instdisc.runtime import StopRequest, build_optimizer, load_optimizer_state, make_sgd
 from instdisc.sources import open_source
 
@@ -40,7 +40,7 @@ def images():
 
 def build(n: int, method: str = "npid", **kw):
     small = {"arch": "resnet18", "width": 8, **({"nce_k": 16} if method == "npid" else {})}
-    cfg = resolve({**small, **kw}, {}, method)
+    cfg = resolve_config({**small, **kw}, {}, method)
     torch.manual_seed(0)
     return cfg, build_method(cfg, n)
 

@@ -32,13 +32,14 @@ def test_the_smoke_list_covers_every_method():
 def test_every_smoke_command_parses_and_resolves(tmp_path):
     """What the rehearsal does not run (it trains two of the smokes) is at least a valid command."""
     from instdisc.cli import _pre_parse, _train_parser
-    from instdisc.config import load_preset, resolve
+    from instdisc.config import load_preset
+    from instdisc.methods import resolve_config
 
     for name in gpu_session.SMOKES:
         argv = gpu_session.smoke_argv(name, "synthetic:64", str(tmp_path / name), 30, "cuda", "bf16", [])[1:]
-        method, config = _pre_parse(argv)
+        method, config, _ = _pre_parse(argv)
         args = _train_parser(method).parse_args(argv)
-        cfg = resolve(load_preset(config) if config else {}, {k: v for k, v in vars(args).items() if "." in k}, method)
+        cfg = resolve_config(load_preset(config) if config else {}, {k: v for k, v in vars(args).items() if "." in k}, method)
         assert cfg.run.method == method and cfg.run.max_steps == 30 and cfg.run.device == "cuda", name
 
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from instdisc.augment import AugmentConfig, augment, preprocess
-from instdisc.config import resolve
 from instdisc.engine import build_method
-from instdisc.methods import METHODS, EpochContext, StepOutput
+from instdisc.methods import METHODS, EpochContext, StepOutput, resolve_config
 from instdisc.sources import open_source
 
 # MoCo: a queue of one batch and a faster key encoder, so 80 steps on 32 images show learning.
@@ -20,7 +19,7 @@ TINY.update({"hc": 2, "ncl": [8], "num_classes": 4})
 def build(name, n, **kw):
     # Method hyper-parameters (NPID's nce_k, ...) go only to the methods that have them.
     own = {f.name for f in dataclasses.fields(METHODS[name].Config)} | {"arch", "width"}
-    cfg = resolve({k: v for k, v in {**TINY, **kw}.items() if k in own}, {}, name)
+    cfg = resolve_config({k: v for k, v in {**TINY, **kw}.items() if k in own}, {}, name)
     torch.manual_seed(0)
     return cfg, build_method(cfg, n)
 

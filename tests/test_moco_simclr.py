@@ -15,17 +15,17 @@ from torch import nn
 from instdisc import dist
 from instdisc.augment import AugmentConfig, augment, preprocess
 from instdisc.cli import main
-from instdisc.config import resolve
 from instdisc.engine import build_method
 from instdisc.errors import ConfigError
 from instdisc.knn import weighted_knn
+from instdisc.methods import resolve_config
 from instdisc.methods.moco import info_nce
 from instdisc.methods.simclr import nt_xent, nt_xent_global
 from instdisc.sources import open_source
 
 
 def _moco(**kw):
-    cfg = resolve({"arch": "resnet18", "width": 4, "dim": 8, **kw}, {}, "moco")
+    cfg = resolve_config({"arch": "resnet18", "width": 4, "dim": 8, **kw}, {}, "moco")
     torch.manual_seed(0)
     return build_method(cfg, 64)
 
@@ -181,7 +181,7 @@ def test_bn_splits_encode_keys_in_groups_of_a_shuffled_batch():
 )
 def test_bad_hyper_parameters_are_config_errors(method, kw, needle):
     with pytest.raises(ConfigError, match=needle):
-        resolve(kw, {}, method)
+        resolve_config(kw, {}, method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def test_learns_features_that_classify_digits(name, kw, steps):
     tr, te = open_source("digits", "train", image_size=16), open_source("digits", "test", image_size=16)
     xtr, ytr = torch.from_numpy(tr.images[:128]).permute(0, 3, 1, 2), torch.from_numpy(tr.labels[:128])
     xte, yte = torch.from_numpy(te.images[:]).permute(0, 3, 1, 2), torch.from_numpy(te.labels)
-    cfg = resolve({"arch": "resnet18", "width": 8, **kw}, {}, name)
+    cfg = resolve_config({"arch": "resnet18", "width": 8, **kw}, {}, name)
     torch.manual_seed(0)
     m = build_method(cfg, 128)
     opt = torch.optim.SGD(m.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)

@@ -15,10 +15,11 @@ from torch import nn
 from instdisc import dist, sparse_sgd
 from instdisc.augment import AugmentConfig, augment, preprocess
 from instdisc.cli import main
-from instdisc.config import OptimConfig, resolve
+from instdisc.config import OptimConfig
 from instdisc.engine import build_method, lr_schedule
 from instdisc.errors import ConfigError
 from instdisc.loader import TrainLoader, make_order, sliding_window_order
+from instdisc.methods import resolve_config
 from instdisc.methods.pic import PIC, PICConfig, sampled_classes, small_crop_size
 from instdisc.sources import open_source
 from instdisc.sparse_sgd import SampledRows, SampledRowSGD, range_products
@@ -293,7 +294,7 @@ def test_sampled_pic_learns_to_tell_instances_apart():
     often than at initialisation (chance: 1/32)."""
     ds = open_source("synthetic:32", "train")
     x = torch.from_numpy(ds.images[:]).permute(0, 3, 1, 2)
-    cfg = resolve({"arch": "resnet18", "width": 8, "queue_size": 8, "small_crops": 1, "small_size": 8}, {}, "pic")
+    cfg = resolve_config({"arch": "resnet18", "width": 8, "queue_size": 8, "small_crops": 1, "small_size": 8}, {}, "pic")
     torch.manual_seed(0)
     m = build_method(cfg, len(ds))
     opt = m.configure_optimizer(lr=0.1, momentum=0.9, weight_decay=1e-4)

@@ -32,10 +32,10 @@ from instdisc import checkpoint as ckpt_mod
 from instdisc import engine
 from instdisc.checkpoint import load_checkpoint, save_checkpoint
 from instdisc.cli import main
-from instdisc.config import TrainConfig, load_preset, resolve
+from instdisc.config import TrainConfig, load_preset
 from instdisc.errors import CheckpointError, ConfigError, DataError, InstdiscWarning, UserError
 from instdisc.loader import make_order
-from instdisc.methods import METHODS
+from instdisc.methods import METHODS, config_from_dict, resolve_config
 
 N, BATCH, EPOCHS = 64, 16, 2
 STEPS = N // BATCH * EPOCHS  # 8
@@ -788,12 +788,12 @@ def test_fuzz_config_values_give_a_config_or_a_config_error(data, method):
     keys = _known_keys(method) + ["nce_kk", "lr_", "bogus"]
     preset = data.draw(st.dictionaries(st.sampled_from(keys), _YAML_VALUES, max_size=5))
     try:
-        cfg = resolve(preset, {}, method)
+        cfg = resolve_config(preset, {}, method)
     except ConfigError as e:
         assert str(e)
     else:
         assert isinstance(cfg, TrainConfig)
-        assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
+        assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
 
 
 @CONFIG_FUZZ
@@ -802,7 +802,7 @@ def test_fuzz_config_files_give_a_config_or_a_config_error(tmp_path_factory, tex
     p = tmp_path_factory.getbasetemp() / "fuzz.yaml"
     p.write_text(text)
     try:
-        cfg = resolve(load_preset(p), {}, "npid")
+        cfg = resolve_config(load_preset(p), {}, "npid")
     except ConfigError as e:
         assert str(e)
     else:
@@ -839,7 +839,7 @@ TWO_RANKS_TRAIN_AND_RESUME = """
 import json, sys
 import torch
 from instdisc import dist, engine
-from instdisc.config import resolve
+from instdisc.methods import resolve_config
 from instdisc.methods import build as building
 
 built = []  # every method fit builds, fresh or resumed (both go through methods.build.build_method)
@@ -849,9 +849,9 @@ env = dist.init_from_env("cpu", timeout_s=120)
 root, cases, common = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 for case, (method, own) in cases.items():
     preset = {**common, **own, "out": f"{root}/{case}"}
-    engine.fit(resolve({**preset, "max_steps": 3}, {}, method), env)
+    engine.fit(resolve_config({**preset, "max_steps": 3}, {}, method), env)
     torch.save(built[-1].state_dict(), f"{root}/{case}-partial-rank{env.rank}.pt")
-    engine.fit(resolve(preset, {}, method), env, resume=True)
+    engine.fit(resolve_config(preset, {}, method), env, resume=True)
     torch.save(built[-1].state_dict(), f"{root}/{case}-final-rank{env.rank}.pt")
 dist.cleanup()
 """
@@ -889,7 +889,7 @@ def keeps_state(case: str) -> bool:
     """Whether a method has state of its own beyond weights and BatchNorm statistics (a bank, a
     queue, labels, a key encoder): the state that explicit collectives must keep equal on all ranks."""
     method, values = CASES[case]
-    cfg = resolve({"arch": "resnet18", "width": 8, **values}, {}, method)
+    cfg = resolve_config({"arch": "resnet18", "width": 8, **values}, {}, method)
     m = engine.build_method(cfg, N)
     bn = {id(b) for mod in m.modules() if isinstance(mod, torch.nn.modules.batchnorm._NormBase) for b in mod.buffers()}
     frozen = [p for p in m.parameters() if not p.requires_grad]

@@ -23,7 +23,7 @@ from instdisc.cluster import (
     nmi,
     purity,
 )
-from instdisc.config import resolve
+from instdisc.methods import resolve_config
 from instdisc.methods.base import EpochContext
 from instdisc.methods.sela import SeLa, balanced_random_labels, relabel_schedule
 from instdisc.models import build_backbone
@@ -135,7 +135,7 @@ def _tiny_images(n, seed=0):
 
 
 def _tiny_sela(n, **kw):
-    cfg = resolve({"arch": "resnet18", "width": 4, "hc": 2, "ncl": [5, 3], "lamb": 25.0, **kw}, {}, "sela")
+    cfg = resolve_config({"arch": "resnet18", "width": 4, "hc": 2, "ncl": [5, 3], "lamb": 25.0, **kw}, {}, "sela")
     torch.manual_seed(0)
     net, dim = build_backbone("resnet18", width=4)
     return SeLa(net, dim, n, cfg.method)
@@ -248,7 +248,7 @@ def test_relabel_recovers_separable_classes_and_logs_metrics(tmp_path):
     """Features that encode the class and a head that reads them: the solver must return the classes."""
     n, k = 60, 3
     true = torch.arange(n) % k
-    cfg = resolve({"hc": 1, "ncl": [k], "lamb": 25.0, "sk_tol": 1e-3}, {}, "sela").method
+    cfg = resolve_config({"hc": 1, "ncl": [k], "lamb": 25.0, "sk_tol": 1e-3}, {}, "sela").method
     m = SeLa(nn.Identity(), k, n, cfg)
     with torch.no_grad():
         m.heads.weight.copy_(torch.eye(k) * 2.0)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,19 +115,33 @@ def write_failure(e: BaseException, where: Path) -> str:
     return f"the write failed (torch: {first})"
 
 
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """The one way instdisc replaces a file (result files, feature exports, caches, model exports):
+    `write(tmp)` writes a temporary file beside `path`, which is flushed to disk and renamed over
+    `path` (os.replace, atomic on POSIX). Readers see the old file or the whole new one, never a
+    part, and no temporary outlives a failure. The temporary keeps `path`'s suffix (writers such as
+    torch.export.save look at it) and is unique per process and call. Errors propagate as they are
+    (OSError, or torch's RuntimeError on a full disk); callers word them (`atomic_write_text`)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{p.suffix}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace a small text file (config.json, metrics.jsonl) so that readers never see half of it."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {str(p)!r}: {e.strerror or e}.") from None
+        raise UserError(f"could not write {str(path)!r}: {e.strerror or e}.") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -169,7 +169,7 @@ def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
 
 def _train_parser(method: str) -> argparse.ArgumentParser:
     from instdisc.config import add_train_arguments
-    from instdisc.methods import METHODS
+    from instdisc.methods import METHODS, method_config
 
     p = Parser(
         prog="instdisc train",
@@ -183,7 +183,7 @@ def _train_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="flat YAML preset whose keys are these flag names (e.g. configs/npid_cifar10.yaml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out instead of refusing")
-    add_train_arguments(p, method)
+    add_train_arguments(p, method, method_config(method))
     return p
 
 
@@ -214,9 +214,9 @@ def _is_peer_failure(e: RuntimeError) -> bool:
 
 def cmd_train(argv: Sequence[str]) -> int:
     from instdisc import dist
-    from instdisc.config import absolute_paths, load_preset, resolve
+    from instdisc.config import absolute_paths, load_preset
     from instdisc.engine import fit
-    from instdisc.methods import read_run
+    from instdisc.methods import read_run, resolve_config
 
     method, config_path, stored_run = _pre_parse(argv)
     from instdisc.methods import METHODS
@@ -226,7 +226,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     args = _train_parser(method).parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if "." in k}
     preset = load_preset(config_path) if config_path else {}
-    cfg = resolve(preset, flags, method)
+    cfg = resolve_config(preset, flags, method)
     absolute_paths(cfg)  # stored resolved: the run is found again from any working directory
     if args.resume:
         # The run's own config wins. Flags of this invocation only (device, progress, an early
@@ -442,7 +442,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_clusters(args: argparse.Namespace) -> int:
-    from instdisc.cluster import run_clusters
+    from instdisc.evaluate.clusters import run_clusters
 
     recs = run_clusters(args.run, data=args.data, heads=args.head, clusters=args.top, per_cluster=args.per_cluster,
                         cache_dir=args.cache_dir, progress=True)

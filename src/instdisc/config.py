@@ -192,17 +192,13 @@ class TrainConfig:
         return {name: _to_plain(dataclasses.asdict(getattr(self, name))) for name in [*SECTIONS, "method"]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Rebuild from `to_dict()` output (a checkpoint's or config.json's)."""
-        from instdisc.methods import METHODS
-
+    def from_dict(cls, d: dict[str, Any], method_config: type) -> TrainConfig:
+        """Rebuild from `to_dict()` output (a checkpoint's or config.json's); `method_config` is the
+        method's own Config dataclass (`instdisc.methods.config_from_dict` looks it up by name)."""
         out = cls()
         for name, dc in SECTIONS.items():
             setattr(out, name, _build(dc, d.get(name, {}), prefix=PREFIX.get(name, "")))
-        mcls = METHODS.get(out.run.method)
-        if mcls is None:
-            raise ConfigError(f"unknown method {out.run.method!r}; known: {', '.join(METHODS)}")
-        out.method = _build(mcls.Config, d.get("method") or {})
+        out.method = _build(method_config, d.get("method") or {})
         return out
 
 
@@ -340,14 +336,12 @@ def _add_fields(parser: argparse.ArgumentParser, section: str, dc: type, title: 
         group.add_argument(_flag(section, f.name), **kw)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser, method: str) -> None:
-    """All flags of `instdisc train` for the given method."""
-    from instdisc.methods import METHODS
-
+def add_train_arguments(parser: argparse.ArgumentParser, method: str, method_config: type) -> None:
+    """All flags of `instdisc train` for the given method (`method_config`: its Config dataclass)."""
     titles = {"data": "data", "model": "model", "optim": "optimisation", "aug": "augmentation", "run": "run"}
     for section, dc in SECTIONS.items():
         _add_fields(parser, section, dc, titles[section])
-    _add_fields(parser, "method", METHODS[method].Config, f"{method} (method hyper-parameters)")
+    _add_fields(parser, "method", method_config, f"{method} (method hyper-parameters)")
 
 
 def _all_keys(method_cfg: type) -> dict[str, tuple[str, str]]:
@@ -373,14 +367,12 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in raw.items()}
 
 
-def resolve(preset: dict[str, Any], flags: dict[str, Any], method: str) -> TrainConfig:
-    """defaults <- preset (flat keys) <- flags ('section.field' keys from argparse)."""
-    from instdisc.methods import METHODS
+def resolve(preset: dict[str, Any], flags: dict[str, Any], method: str, method_config: type) -> TrainConfig:
+    """defaults <- preset (flat keys) <- flags ('section.field' keys from argparse).
 
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    mcfg = METHODS[method].Config
-    keys = _all_keys(mcfg)
+    `method_config` is the method's Config dataclass (`instdisc.methods.resolve_config` passes it).
+    """
+    keys = _all_keys(method_config)
     values: dict[str, dict[str, Any]] = {s: {} for s in [*SECTIONS, "method"]}
     for k, v in preset.items():
         if k not in keys:
@@ -394,17 +386,16 @@ def resolve(preset: dict[str, Any], flags: dict[str, Any], method: str) -> Train
         values[section][name] = v
     values["run"]["method"] = method
     d = dict(values)
-    cfg = TrainConfig.from_dict(d)
+    cfg = TrainConfig.from_dict(d, method_config)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
     """Range checks that do not need the data (those that do live where N is known)."""
-    from instdisc.methods import METHODS
-
     o, r = cfg.optim, cfg.run
-    min_batch = getattr(METHODS[r.method], "min_batch_size", 1)
+    # A method's Config may say the smallest batch its objective is defined for (SimCLR: 2).
+    min_batch = getattr(type(cfg.method), "min_batch_size", 1)
     checks = [
         (0 <= r.seed <= SEED_MAX, f"--seed must be in [0, 2**32 - 1]; got {r.seed}"),
         (o.batch_size >= min_batch,

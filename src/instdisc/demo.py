@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from instdisc import dist
-from instdisc.config import resolve
 from instdisc.engine import fit, open_sets
 from instdisc.evaluate import knn_evaluate, knn_row, subject_of
-from instdisc.methods import Method, build_method, load_run
+from instdisc.methods import Method, build_method, load_run, resolve_config
 
 # Chosen for a 2-core CPU (evidence: docs/benchmarks.md). The 8x8 digits are stored at 16x16,
 # not 32x32: 4x fewer pixels buy 4x more steps, and NPID needs steps (each image is seen ~60 times).
@@ -83,7 +82,7 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None, overwrite: bool 
     preset = dict(DEMO_PRESET, out=out)
     if epochs is not None:
         preset["epochs"] = epochs
-    cfg = resolve(preset, {}, "npid")
+    cfg = resolve_config(preset, {}, "npid")
     overwrite = overwrite or _is_demo_run(out, cfg)
     env = dist.Env()
     train, test = open_sets(cfg)

@@ -191,18 +191,13 @@ def _check_out(out: Path) -> None:
 
 
 def _atomic(out: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file beside `out`, then rename: readers never see half a file."""
-    import os
+    """`checkpoint.atomic_write`, with a file-system error worded for the user."""
+    from instdisc.checkpoint import atomic_write
 
-    # The suffix stays last: torch.export.save wants ".pt2".
-    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}")
     try:
-        write(tmp)
-        os.replace(tmp, out)
+        atomic_write(out, write)
     except OSError as e:
         raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}.") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _max_diff(a: Tensor, b: Tensor) -> float:

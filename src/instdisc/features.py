@@ -10,7 +10,6 @@ Export layout (other tools script against these names):
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import Tensor
 
 from instdisc import dist
 from instdisc.augment import CIFAR_MEAN, CIFAR_STD, preprocess
-from instdisc.checkpoint import atomic_write_text
+from instdisc.checkpoint import atomic_write, atomic_write_text
 from instdisc.errors import UserError
 from instdisc.loader import eval_batches
 from instdisc.progress import Progress
@@ -89,15 +88,9 @@ def save_features(
     written = []
 
     def _atomic_npy(p: Path, arr: np.ndarray) -> None:
-        tmp = p.with_name(p.name + ".tmp")
         try:
-            with open(tmp, "wb") as fh:
-                np.save(fh, arr)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, p)
+            atomic_write(p, lambda tmp: np.save(tmp, arr, allow_pickle=False))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise UserError(f"cannot write {str(p)!r}: {e.strerror}.") from None
         written.append(p)
 

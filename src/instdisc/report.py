@@ -227,10 +227,7 @@ def cluster_section(subject, ev, *, heads: int = 3) -> tuple[str, list[str]]:
                    and b.ndim in (1, 2) and b.shape[-1] == n and not b.is_floating_point()), None)
     if labels is None:
         return "", []
-    try:
-        from instdisc import cluster  # written alongside SeLa; optional here
-    except ImportError:
-        return "", ["this run has pseudo-labels, but instdisc.cluster (cluster grids) is not available."]
+    from instdisc import cluster
     from instdisc.visual import png_data_uri
 
     labels = labels.reshape(-1, n).cpu()  # (H, N)

@@ -26,6 +26,8 @@ Modules
     exported files; `features_for`, `EvalFeatures`, `split_stages`.
 ``results``
     Result files (`save_result`, `load_results`) and `format_table`.
+``clusters``
+    `instdisc clusters RUN_DIR`: a SeLa run's pseudo-labels scored, exported and drawn.
 ``knn_eval``
     The kNN sweep (`knn_scores`, `knn_table`), its torch / faiss backend choice, and `nearest`.
     (The weighted-kNN core itself is `instdisc.knn`.)

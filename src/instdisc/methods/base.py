@@ -46,8 +46,6 @@ class Method(nn.Module):
     """
 
     Config: ClassVar[type]
-    # Smallest global batch the objective is defined for (SimCLR's negatives are the batch).
-    min_batch_size: ClassVar[int] = 1
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_samples: int) -> None:
         super().__init__()

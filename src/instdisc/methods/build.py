@@ -34,14 +34,18 @@ def read_run(path: str | Path, *, quarantine: bool = False) -> tuple[TrainConfig
     from instdisc.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path, quarantine=quarantine)
-    return TrainConfig.from_dict(ck["config"]), ck
+    from instdisc.methods import config_from_dict
+
+    return config_from_dict(ck["config"]), ck
 
 
 def method_from_checkpoint(ck: dict[str, Any], device: str | torch.device = "cpu", *,
                            where: str = "the checkpoint") -> tuple[Method, TrainConfig]:
     """An already read checkpoint -> (its method with the saved weights and buffers, on `device`,
     in eval mode; its TrainConfig)."""
-    cfg = TrainConfig.from_dict(ck["config"])
+    from instdisc.methods import config_from_dict
+
+    cfg = config_from_dict(ck["config"])
     method = build_method(cfg, int(ck["num_samples"]))
     try:
         method.load_state_dict(ck["model"])

@@ -28,7 +28,7 @@ MoCo here); ``--embed backbone`` gives the L2-normalised backbone features, whic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as tdist
@@ -44,6 +44,7 @@ from instdisc.models import ProjectionHead
 
 @dataclass
 class SimCLRConfig:
+    min_batch_size: ClassVar[int] = 2  # an image's negatives are the other images of the batch (config.validate)
     dim: int = field(default=128, metadata={"help": "projection size (SimCLR: 128)"})
     temperature: float = field(
         default=0.1,
@@ -132,7 +133,6 @@ class SimCLR(Method):
     """Backbone -> MLP projection head -> NT-Xent over the two views of the global batch."""
 
     Config = SimCLRConfig
-    min_batch_size = 2  # an image's negatives are the other images of the batch
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_samples: int, cfg: SimCLRConfig) -> None:
         super().__init__(backbone, feat_dim, num_samples)

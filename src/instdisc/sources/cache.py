@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -78,13 +77,14 @@ def _load_cached(cache_dir: Path, key: str, name: str, split: str) -> ArrayImage
 
 
 def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    """`checkpoint.atomic_write` through an open binary file (readers never see a part)."""
+    from instdisc.checkpoint import atomic_write
+
+    def to_file(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             write(f)
-        os.replace(tmp, path)  # readers see the old file or the complete new one, never a part
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, to_file)
 
 
 def _save_arrays(
