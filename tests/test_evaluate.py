@@ -19,7 +19,7 @@ from instdisc.visual import (
     DISAGREE,
     QUERY,
     embed_2d,
-    neighbor_grid,
+    neighbour_grid,
     scatter_map,
     svg_line_chart,
 )
@@ -210,9 +210,9 @@ def test_low_shot_rows_match_a_direct_fit():
 # Pictures
 
 
-def test_neighbor_grid_frames_agree_green_and_disagree_red():
+def test_neighbour_grid_frames_agree_green_and_disagree_red():
     img = lambda v: np.full((8, 8, 3), v, np.uint8)  # noqa: E731
-    grid = neighbor_grid([img(10), img(20)], [[img(30), img(40)], [img(50), img(60)]],
+    grid = neighbour_grid([img(10), img(20)], [[img(30), img(40)], [img(50), img(60)]],
                          [[True, False], [False, True]], cell=20, border=2, gap=4)
     a = np.asarray(grid)
     assert a.shape == (4 + 2 * 24, 4 + 24 * 3 + 4, 3)
@@ -293,7 +293,7 @@ def test_commands_on_a_run_write_results_and_reuse_features(run, capsys, monkeyp
     assert [r["dim"] for r in st["rows"]] == [8, 16, 32, 64]
 
     png = run.parent / "nb.png"
-    assert main(["neighbors", str(run), "--ids", "0", "3", "-k", "5", "--out", str(png)]) == 0
+    assert main(["neighbours", str(run), "--ids", "0", "3", "-k", "5", "--out", str(png)]) == 0
     assert Image.open(png).size[1] > Image.open(png).size[0] / 5  # two rows of six cells
     assert main(["map", str(run), "--out", str(run.parent / "map.png")]) == 0
     assert Image.open(run.parent / "map.png").mode == "RGB"

@@ -3,7 +3,7 @@
   instdisc train --method npid --data SOURCE --out RUN_DIR [--config FILE] [--epochs N] [--resume]
   instdisc embed RUN_DIR_OR_CHECKPOINT --data SOURCE --split train|test --out FILE.npy
   instdisc knn|linear|lowshot RUN_DIR_OR_CHECKPOINT | --train FILE.npy --test FILE.npy
-  instdisc stages|neighbors|map RUN_DIR_OR_CHECKPOINT     (also released weights: instdisc weights FILE)
+  instdisc stages|neighbours|map RUN_DIR_OR_CHECKPOINT    (also released weights: instdisc weights FILE)
   instdisc report RUN_DIR
   instdisc export RUN_DIR_OR_WEIGHTS --format torchvision|timm|detectron2|safetensors|onnx|torch-export --out FILE
   instdisc clusters RUN_DIR                               (SeLa: pseudo-label metrics, files, grid)
@@ -385,7 +385,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_neighbors(args: argparse.Namespace) -> int:
+def cmd_neighbours(args: argparse.Namespace) -> int:
     from instdisc.report import neighbour_figure
 
     _writable_parent(args.out)
@@ -486,7 +486,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="instdisc",
-        description="Self-supervised visual features by instance discrimination (NPID), and their evaluation.",
+        description="Self-supervised visual features by instance discrimination (NPID, PIC, SeLa; MoCo v2 and "
+                    "SimCLR as baselines), their evaluation, and weights out to other tools.",
     )
     from instdisc import __version__
 
@@ -578,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--knn-t", type=positive_float, default=0.07, help="temperature of the kNN weights exp(s/t) (default 0.07)")
     st.set_defaults(func=cmd_stages)
 
-    nb = sub.add_parser("neighbors", help="PNG grid: test queries and their nearest training images",
+    nb = sub.add_parser("neighbours", aliases=["neighbors"], help="PNG grid: test queries and their nearest training images",
                         description="Each row: a test image (blue frame) then its -k nearest training images by "
                                     "cosine similarity of the embedding, framed green (same label) or red.")
     features_args(nb, files=False)
@@ -586,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--ids", type=nonnegative_int, nargs="+", default=None, help="test indices to query (default: random)")
     nb.add_argument("--queries", type=positive_int, default=8, help="number of random queries (default 8)")
     nb.add_argument("-k", type=positive_int, default=20, help="neighbours per query (default 20)")
-    nb.set_defaults(func=cmd_neighbors)
+    nb.set_defaults(func=cmd_neighbours)
 
     mp = sub.add_parser("map", help="PNG: 2-D map (PCA or t-SNE) of the test embedding, coloured by label")
     features_args(mp, files=False)
@@ -613,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("weights", help="check released NPID/PIC/SeLa weights against our backbones",
                        description="Reads a released checkpoint, maps every key to instdisc's backbones and prints "
                                    "what it holds; fails listing the keys that do not map. Layouts:\n"
-                                   "lemniscate, lemniscate-cifar, pic, sela, sela-v1 (sela-v2, sela-alexnet: "
+                                   "lemniscate, lemniscate-cifar, pic, sela, sela-v1, sela-alexnet (sela-v2: "
                                    "recognised). See docs/evaluation.md.")
     w.add_argument("path", help="checkpoint file")
     w.add_argument("--layout", default=None, type=layout_name, help="force a layout (default: detected)")

@@ -44,8 +44,6 @@ from instdisc.sources import ImageSet, align_classes, open_source
 from instdisc.sources.fingerprint import data_fingerprint
 from instdisc.sources.fingerprint import difference as fingerprint_difference
 
-NonFiniteLossError = NonFiniteError  # the older name
-
 
 def fill_size_defaults(cfg: TrainConfig, num_samples: int, num_classes: int) -> list[str]:
     """Resolve the method's size-dependent hyper-parameters left unset (negatives, clusters, queue)

@@ -9,9 +9,9 @@ offending keys. The key layouts and where they come from are in docs/evaluation.
 
 Layouts (`LAYOUTS`): lemniscate (NPID ImageNet ResNet-18/50), lemniscate-cifar (NPID cifar.py),
 pic (bl0/PIC current.pth, also its InstDisc/MoCo/SimCLR re-implementations), sela (SeLa's
-torchvision-layout ResNet releases), sela-v1 (SeLa's own `resnetv1` state dicts), and the two SeLa
-layouts our models do not cover yet, recognised to say so: sela-v2 (pre-activation ResNet-50,
-the original resnet-10x3k.pth) and sela-alexnet (until `build_backbone("alexnet")` exists).
+torchvision-layout ResNet releases), sela-v1 (SeLa's own `resnetv1` state dicts), sela-alexnet
+(SeLa's AlexNet releases, into models.AlexNet), and sela-v2 (pre-activation ResNet-50, the original
+resnet-10x3k.pth), which our models do not cover: recognised to say so.
 """
 
 from __future__ import annotations
@@ -477,11 +477,6 @@ def _convert_alexnet(sd: dict[str, Tensor], lay: Layout) -> Converted:
     BN(conv(x) + b) = BN'(conv(x)) with BN' the same layer whose running mean is mu - b, so each
     bias is folded into the following running mean, exactly.
     """
-    if "alexnet" not in ARCHS:
-        raise CheckpointError(
-            "this is a SeLa AlexNet checkpoint, but this version of instdisc has no AlexNet backbone "
-            "(models.build_backbone('alexnet')) to load it into."
-        )
     bb: dict[str, Tensor] = {}
     biases: dict[int, Tensor] = {}
     clusters: dict[int, dict[str, Tensor]] = {}
@@ -587,10 +582,3 @@ def load_published(obj_or_path: Any, *, layout: str | None = None, source: str =
         where = str(obj_or_path) if isinstance(obj_or_path, (str, Path)) else source
         raise CheckpointError(f"{where + ': ' if where else ''}{e}") from None
     return PublishedModel(conv).eval()
-
-
-# For docs and the CLI: one line per layout.
-def describe_layouts() -> str:
-    return "\n".join(f"  {n}{'' if lay.supported else ' (recognised, not loadable)'}: {lay.description}"
-                     for n, lay in LAYOUTS.items())
-

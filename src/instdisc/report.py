@@ -177,7 +177,7 @@ def neighbour_figure(ev, *, queries: int, k: int, seed: int, indices: list[int] 
     """Grid of test images (`indices`, else `queries` seeded random ones) and their k nearest
     training images."""
     from instdisc.evaluate import nearest
-    from instdisc.visual import neighbor_grid
+    from instdisc.visual import neighbour_grid
 
     n = len(ev.test_images)
     if indices:
@@ -196,7 +196,7 @@ def neighbour_figure(ev, *, queries: int, k: int, seed: int, indices: list[int] 
     agree = (ev.train_y[nn_idx] == qy[:, None]).tolist()
     names = ev.classes or []
     caps = [names[int(y)] if int(y) < len(names) else str(int(y)) for y in qy]
-    img = neighbor_grid([ev.test_images.read(int(i)) for i in q_idx],
+    img = neighbour_grid([ev.test_images.read(int(i)) for i in q_idx],
                         [[ev.train_images.read(int(j)) for j in row] for row in nn_idx.tolist()],
                         agree, captions=caps)
     frac = 100.0 * float(np.mean(agree)) if agree else 0.0

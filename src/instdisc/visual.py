@@ -3,7 +3,7 @@
 Everything is drawn with PIL (PNG) or written as SVG text, so nothing beyond the package's own
 dependencies is needed; the report (report.py) inlines the results.
 
-* `neighbor_grid`: one row per query, the query then its nearest training images by cosine
+* `neighbour_grid`: one row per query, the query then its nearest training images by cosine
   similarity (NPID's retrieval figure: query + 20 retrievals), framed green where the labels
   agree with the query's and red where they do not.
 * `embed_2d` + `scatter_map`: PCA (fast, deterministic) or t-SNE (scikit-learn) of the embedding,
@@ -56,7 +56,7 @@ def _cell(img: np.ndarray, size: int) -> Image.Image:
     return im.resize((size, size), Image.NEAREST if small else Image.BILINEAR)
 
 
-def neighbor_grid(
+def neighbour_grid(
     queries: Sequence[np.ndarray],
     neighbours: Sequence[Sequence[np.ndarray]],
     agree: Sequence[Sequence[bool]],

@@ -36,7 +36,9 @@ class EpochContext:
     # returns the concatenated outputs: (N, ...). Distributed-safe.
     predict_all: Callable[[Callable[[Tensor], Tensor]], Tensor]
     out_dir: str | None = None
-    labels: Tensor | None = None  # ground-truth labels where the source has them (metrics only)
+    # Ground-truth labels where the source has them: SeLa scores its clusters with them, and
+    # `--method supervised` trains on them; the self-supervised objectives never see them.
+    labels: Tensor | None = None
 
 
 class Method(nn.Module):
