@@ -37,6 +37,10 @@ class EpochContext:
     predict_all: Callable[[Callable[[Tensor], Tensor]], Tensor]
     out_dir: str | None = None
     labels: Tensor | None = None  # ground-truth labels where the source has them (metrics only)
+    # predict_shard(fn): the same, but only this rank's contiguous block of rows, rank * S ..
+    # min((rank + 1) * S, N) - 1 with S = ceil(N / world): (n_r, ...), nothing gathered.
+    # None where the caller offers only predict_all.
+    predict_shard: Callable[[Callable[[Tensor], Tensor]], Tensor] | None = None
 
 
 class Method(nn.Module):
