@@ -24,35 +24,42 @@ heads. The schedule depends on ``--epochs`` only, so a resumed run relabels exac
 uninterrupted one.
 
 The label pass. The paper's code runs it with training augmentation and the network in training
-mode; here it uses ``EpochContext.predict_all`` (every training image once, the evaluation
+mode; here it uses ``EpochContext.predict_shard`` (each training image once, the evaluation
 transform, eval mode): deterministic labels, identical on resume, and no BatchNorm statistics
-updated by a pass that is not training. The backbone features (N, D) are computed once and all
-heads are applied to them (as the paper's code does for H > 1).
+updated by a pass that is not training. The backbone features are computed once and all heads are
+applied to them (as the paper's code does for H > 1).
 
-Distributed: the N x K matrix is sharded by rows. Each rank embeds its own contiguous block of
-n_r = ceil(N / world) images (``EpochContext.predict_shard``; nothing is gathered), the solver
+Distributed: the N x K matrix is sharded by rows. Each rank embeds only its own contiguous block
+of n_r = ceil(N / world) images (``predict_shard``: nothing is gathered; a caller that offers only
+``predict_all`` still works, its full (N, D) result is cut to this rank's block), the solver
 all-reduces the K column sums, and the new labels are all-gathered, so every rank ends with the
 same H x N buffer (the engine checks this at every checkpoint).
 
 Memory of the label pass, per rank, one head at a time (K = that head's clusters, D = feature
-width, fp32): the features of this rank's block (n_r x D) plus the solver's kernel (n_r x K), plus
-blocks of 8192 rows of temporaries; at ImageNet size (1.28 M x 3,000) on 8 ranks that is
-160 k x (D + 3,000) floats, about 1.9 GB + n_r D. The log-posteriors are never stored: the
-solver (``sinkhorn.sinkhorn_knopp_rows``) asks for them block by block, and each block is
-recomputed from the features (a (8192, D) x (D, K) product and a log_softmax) when the kernel is
-built, at each absorption (``sk_rebuilds`` in the log; 0-5 per solve in the measurements of
-docs/benchmarks.md) and for the final argmax. Options weighed (docs/benchmarks.md, "SeLa relabel
-memory"): (1) the earlier code, full (N, D) features on every rank and the log-posteriors next to
-the kernel, 2 n_r K + N D floats; (2) keeping only the kernel and rescaling it in place at
-absorption: no recomputation, but entries flushed to zero stay zero and the rounding changes, so
-iterations and labels drift (1 label in 5,000 and 140 -> 152 iterations on a logit-std-10 test
-problem), and the final argmax would still need the log-posteriors; (3) storing them in bf16/fp16:
-changes the labels. Recomputing block by block gives the same blocks every time (each product and
-log_softmax is row-wise, and the blocks are fixed), so the solve is exactly the solve of those
-log-posteriors; on CPU (MKL) a row block of a matrix product has the same bits as the full
-product, so the labels equal the earlier code's (tests/test_sela.py, test_relabel_*_equal_the_full_matrix_path).
-On GPU a block's product may differ from the full product in the last bit (cuBLAS picks kernels by
-shape), which can only move a label whose two best clusters tie to float32 rounding.
+width, fp32): this rank's features (n_r x D, kept for all heads) plus the solver's kernel
+(n_r x K) plus temporaries of blocks of 8192 rows (0.21-0.25 GB at K = 3,000, measured). The
+log-posteriors are never stored: the solver (``sinkhorn.sinkhorn_knopp_rows``) asks for them
+block by block, and each block is recomputed from the features (an (8192, D) x (D, K) product and
+a log_softmax) to build the kernel, at each absorption (``sk_rebuilds`` in the log) and for the
+final argmax. The earlier code held all N x D features on every rank plus the log-posteriors
+next to the kernel: N D + 2 n_r K floats. Measured (benchmarks/sela_relabel_memory.py,
+docs/benchmarks.md "SeLa relabel memory"): peak growth 1.09 N K floats against 2.09 at
+N = 200 k, K = 3,000, identical labels, and 1.7x the time on CPU (10 rebuilds, each one more
+product of D = 128 features; on a GPU the product is cheap against the pass over the images).
+
+Options weighed: (1) keep only the kernel and rescale it in place at absorption (no
+recomputation): entries flushed to zero stay zero and the rounding changes, so iterations and
+labels drift (1 label of 5,000 and 140 -> 152 iterations at logit std 10, 5,000 x 100), and the
+final argmax still needs the log-posteriors; (2) store the log-posteriors in fp16 / bf16: 3-12 /
+22-65 labels of 20,000 change (20,000 x 300, logit std 2 and 4); (3) recompute them block by
+block, chosen: the blocks are fixed and each product and log_softmax is row-wise, so every
+recomputation returns the same values and the solve is exactly the solve of those
+log-posteriors. On CPU (MKL) a row block of a matrix product has the same bits as the full
+product, so the labels equal the earlier code's (tests/test_sela.py,
+test_relabel_labels_equal_the_full_matrix_path and
+test_sharded_relabel_from_feature_shards_equals_the_full_matrix_path). On a GPU a block's product
+may differ from the full product in the last bit (cuBLAS picks kernels by shape), which can only
+move a label whose two best clusters tie to float32 rounding.
 
 Outputs. At each relabelling, and at the start of the last epoch, rank 0 writes
 RUN_DIR/pseudo_labels/head{h}.npy ((N,) int64, row i = dataset index i) and meta.json; labels change
