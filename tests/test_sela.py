@@ -386,6 +386,22 @@ def test_sharded_relabel_from_feature_shards_equals_the_full_matrix_path(tmp_pat
     assert torch.equal(r0["images"][0], m.labels) and torch.equal(r1["images"][0], m.labels)
 
 
+def test_relabel_memory_benchmark_runs_and_both_paths_agree():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sela_relabel_memory.py"
+    res = subprocess.run([sys.executable, str(script), "--points", "600:12", "--d", "8"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "N=600 K=12: identical labels: yes" in res.stdout
+    rows = {r["path"]: r for r in json.loads(res.stdout.strip().splitlines()[-1])["results"]}
+    assert rows.keys() == {"full", "rows"} and rows["full"]["iters"] == rows["rows"]["iters"] > 0
+    assert rows["full"]["peak_growth_bytes"] >= 0 and rows["rows"]["peak_growth_bytes"] >= 0
+
+
 # --------------------------------------------------------------------------- CLI: labels reused
 
 
