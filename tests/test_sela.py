@@ -435,6 +435,37 @@ def test_train_sela_then_supervised_from_its_labels(tmp_path, monkeypatch, capsy
     assert ck["model"]["classifier.weight"].shape[0] == 6
 
 
+@pytest.mark.dist
+def test_torchrun_two_processes_relabel_from_feature_shards_as_one_process(tmp_path):
+    """Under torchrun each rank embeds only its own shard for the label pass (the engine's
+    predict_shard); the labels agree across ranks (the engine checks every buffer at each
+    checkpoint) and equal a one-process run's: the label pass at epoch 0 sees the same
+    initial network in both."""
+    import os
+    import subprocess
+    import sys
+
+    from gloo import free_port
+
+    args = ["-m", "instdisc", "train", "--method", "sela", "--epochs", "1", "--hc", "2", "--ncl", "10", "6",
+            "--lamb", "10", "--nopts", "1", "--cache-dir", str(tmp_path / "cache"), *COMMON]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {
+        "one": [sys.executable, *args, "--out", str(tmp_path / "one")],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+                *args, "--out", str(tmp_path / "two")],
+    }
+    for name, cmd in runs.items():
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, name + res.stdout[-3000:] + res.stderr[-3000:]
+    for h in (0, 1):
+        one, two = (np.load(tmp_path / r / "pseudo_labels" / f"head{h}.npy") for r in ("one", "two"))
+        assert one.shape == (96,) and one.tolist() == two.tolist(), h
+    ck = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["world_size"] == 2
+    assert ck["model"]["labels"][1].tolist() == np.load(tmp_path / "two" / "pseudo_labels" / "head1.npy").tolist()
+
+
 def test_supervised_and_clusters_user_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("INSTDISC_CACHE", str(tmp_path / "cache"))
     short = tmp_path / "short.npy"
