@@ -275,6 +275,133 @@ def test_config_errors_are_clear():
             _tiny_sela(40, **kw)
 
 
+# --------------------------------------------------------------------------- bounded-memory relabelling
+
+
+def _feature_sela(n, d, sizes, logit_std, seed, **kw):
+    """SeLa on fixed features (identity backbone) with a random head whose logits have about `logit_std`."""
+    cfg = resolve({"hc": len(sizes), "ncl": sizes, "lamb": 25.0, **kw}, {}, "sela").method
+    m = SeLa(nn.Identity(), d, n, cfg)
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, generator=g)
+    with torch.no_grad():
+        m.heads.weight.copy_(torch.randn(sum(sizes), d, generator=g) * logit_std / d**0.5)
+        m.heads.bias.copy_(torch.randn(sum(sizes), generator=g) * 0.5)
+    return m, feats
+
+
+def _full_matrix_labels(m, feats, heads):
+    """The earlier relabel, kept as the reference: every head's whole (N, K) log-posterior matrix
+    in memory, solved by the tensor solver."""
+    out = m.labels.clone()
+    weights, biases = m.heads.weight.float().split(m.sizes), m.heads.bias.float().split(m.sizes)
+    for h in heads:
+        log_p = torch.log_softmax(feats.float() @ weights[h].t() + biases[h], dim=1)  # (N, K_h)
+        out[h] = sinkhorn_knopp(log_p, m.cfg.lamb, m.cfg.sk_tol, m.cfg.sk_max_iter, overrelax=m.cfg.sk_overrelax).labels
+    return out
+
+
+def test_rows_solver_recomputes_fixed_blocks_and_equals_the_tensor_solver():
+    from instdisc.sinkhorn import sinkhorn_knopp_rows
+
+    for seed, (n, k, std, absorb_at) in enumerate([(1000, 30, 4.0, 2.0), (537, 9, 10.0, 15.0), (250, 40, 2.0, 0.5)]):
+        log_p = random_log_p(n, k, std, seed=10 + seed)
+        calls = []
+
+        def rows(lo, hi, log_p=log_p, calls=calls):
+            calls.append((lo, hi))
+            return log_p[lo:hi].clone()  # a fresh block each time, as a recomputation gives
+
+        res = sinkhorn_knopp_rows(rows, n, k, 25.0, 1e-3, 3000, chunk=100, absorb_at=absorb_at)
+        ref = sinkhorn_knopp(log_p, 25.0, 1e-3, 3000, absorb_at=absorb_at)
+        assert res.converged and res.iters == ref.iters and res.rebuilds == ref.rebuilds
+        assert torch.equal(res.labels, ref.labels)
+        assert torch.equal(res.log_u, ref.log_u) and torch.equal(res.log_v, ref.log_v)
+        blocks = [(i, min(i + 100, n)) for i in range(0, n, 100)]
+        # Built once, rebuilt at each absorption, read once for the argmax: always the same blocks.
+        assert calls == blocks * (res.rebuilds + 2), (len(calls), res.rebuilds)
+        if absorb_at < 15:
+            assert res.rebuilds > 0  # the rebuild path ran
+
+
+@pytest.mark.parametrize("n,d,sizes,std,tol", [
+    (3000, 16, [50, 20], 2.0, 0.1),
+    (2000, 32, [100], 8.0, 0.1),  # peaked posteriors: absorptions rebuild the kernel
+    (777, 8, [7, 13], 20.0, 1e-3),
+    (9000, 8, [40], 5.0, 0.1),  # more rows than one block of the solver (8192)
+])
+def test_relabel_labels_equal_the_full_matrix_path(n, d, sizes, std, tol):
+    m, feats = _feature_sela(n, d, sizes, std, seed=n, sk_tol=tol)
+    expected = _full_matrix_labels(m, feats, list(range(len(sizes))))
+    logs = m.relabel(EpochContext(epoch=0, num_epochs=1, predict_all=lambda fn: fn(feats)), list(range(len(sizes))))
+    assert torch.equal(m.labels, expected)
+    m2, _ = _feature_sela(n, d, sizes, std, seed=n, sk_tol=tol)
+
+    def no_full_matrix(fn):
+        raise AssertionError("predict_all called although predict_shard is given")
+
+    logs2 = m2.relabel(EpochContext(epoch=0, num_epochs=1, predict_all=no_full_matrix, predict_shard=lambda fn: fn(feats)),
+                       list(range(len(sizes))))
+    assert torch.equal(m2.labels, expected)
+    assert logs2["sk_rebuilds"] == logs["sk_rebuilds"]
+    if std == 8.0:
+        assert logs["sk_rebuilds"] > 0
+
+
+def _shard_relabel_worker(rank, world, port, out):
+    from instdisc.features import extract_features
+
+    init_gloo(rank, world, port)
+    n = 1001  # shards of 501 and 500
+    shard = -(-n // world)
+    results = {}
+    for name, (d, sizes, std) in {"flat": (16, [30, 12], 2.0), "peaked": (8, [25], 12.0)}.items():
+        m, feats = _feature_sela(n, d, sizes, std, seed=len(name))
+        logs = m.relabel(EpochContext(epoch=0, num_epochs=1, predict_all=None,
+                                      predict_shard=lambda fn, feats=feats: fn(feats[rank * shard : (rank + 1) * shard])),
+                         list(range(len(sizes))))
+        results[name] = (m.labels.clone(), logs)
+    images = _tiny_images(37)  # through the engine's feature extraction, unpadded shards of 19 and 18
+    m = _tiny_sela(37)
+    ctx = EpochContext(epoch=0, num_epochs=1, predict_all=None,
+                       predict_shard=lambda fn: extract_features(fn, images, size=16, batch_size=16, gather=False))
+    m.on_epoch_start(ctx)
+    results["images"] = (m.labels.clone(), {})
+    torch.save(results, f"{out}/rank{rank}.pt")
+    tdist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_sharded_relabel_from_feature_shards_equals_the_full_matrix_path(tmp_path):
+    mp.spawn(_shard_relabel_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for name, (d, sizes, std) in {"flat": (16, [30, 12], 2.0), "peaked": (8, [25], 12.0)}.items():
+        m, feats = _feature_sela(1001, d, sizes, std, seed=len(name))
+        expected = _full_matrix_labels(m, feats, list(range(len(sizes))))
+        assert torch.equal(r0[name][0], expected) and torch.equal(r1[name][0], expected), name
+    assert r0["peaked"][1]["sk_rebuilds"] > 0
+    # The engine path: shards from extract_features(gather=False) give what one process gets from all images.
+    m = _tiny_sela(37)
+    m.on_epoch_start(EpochContext(epoch=0, num_epochs=1, predict_all=_predict_all(_tiny_images(37))))
+    assert torch.equal(r0["images"][0], m.labels) and torch.equal(r1["images"][0], m.labels)
+
+
+def test_relabel_memory_benchmark_runs_and_both_paths_agree():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sela_relabel_memory.py"
+    res = subprocess.run([sys.executable, str(script), "--points", "600:12", "--d", "8"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "N=600 K=12: identical labels: yes" in res.stdout
+    rows = {r["path"]: r for r in json.loads(res.stdout.strip().splitlines()[-1])["results"]}
+    assert rows.keys() == {"full", "rows"} and rows["full"]["iters"] == rows["rows"]["iters"] > 0
+    assert rows["full"]["peak_growth_bytes"] >= 0 and rows["rows"]["peak_growth_bytes"] >= 0
+
+
 # --------------------------------------------------------------------------- CLI: labels reused
 
 
@@ -306,6 +433,37 @@ def test_train_sela_then_supervised_from_its_labels(tmp_path, monkeypatch, capsy
     assert ck["config"]["method"]["num_classes"] == 6  # inferred from the file, kept in the config
     assert ck["model"]["targets"].tolist() == head1.tolist()
     assert ck["model"]["classifier.weight"].shape[0] == 6
+
+
+@pytest.mark.dist
+def test_torchrun_two_processes_relabel_from_feature_shards_as_one_process(tmp_path):
+    """Under torchrun each rank embeds only its own shard for the label pass (the engine's
+    predict_shard); the labels agree across ranks (the engine checks every buffer at each
+    checkpoint) and equal a one-process run's: the label pass at epoch 0 sees the same
+    initial network in both."""
+    import os
+    import subprocess
+    import sys
+
+    from gloo import free_port
+
+    args = ["-m", "instdisc", "train", "--method", "sela", "--epochs", "1", "--hc", "2", "--ncl", "10", "6",
+            "--lamb", "10", "--nopts", "1", "--cache-dir", str(tmp_path / "cache"), *COMMON]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {
+        "one": [sys.executable, *args, "--out", str(tmp_path / "one")],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+                *args, "--out", str(tmp_path / "two")],
+    }
+    for name, cmd in runs.items():
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, name + res.stdout[-3000:] + res.stderr[-3000:]
+    for h in (0, 1):
+        one, two = (np.load(tmp_path / r / "pseudo_labels" / f"head{h}.npy") for r in ("one", "two"))
+        assert one.shape == (96,) and one.tolist() == two.tolist(), h
+    ck = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["world_size"] == 2
+    assert ck["model"]["labels"][1].tolist() == np.load(tmp_path / "two" / "pseudo_labels" / "head1.npy").tolist()
 
 
 def test_supervised_and_clusters_user_errors(tmp_path, monkeypatch, capsys):

@@ -656,14 +656,14 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
         rank=env.rank, is_main=env.is_main, config=cfg.to_dict(),
     )
 
-    def ctx_predict(fn: Any) -> Tensor:
+    def ctx_predict(fn: Any, gather: bool = True) -> Tensor:
         # Eval mode: BatchNorm uses (and does not update) its running statistics.
         was_training = method.training
         method.eval()
         try:
             return extract_features(
                 fn, train, size=cfg.aug.size, mean=cfg.aug.mean, std=cfg.aug.std, device=env.device,
-                workers=cfg.data.workers,
+                workers=cfg.data.workers, gather=gather,
             )
         finally:
             method.train(was_training)
@@ -677,6 +677,7 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
                 epoch_logs.update(method.on_epoch_start(EpochContext(
                     epoch=state.epoch, num_epochs=o.epochs, predict_all=ctx_predict, out_dir=str(out),
                     labels=None if train.labels is None else torch.from_numpy(train.labels),
+                    predict_shard=lambda fn: ctx_predict(fn, gather=False),
                 )))
             bar = Progress(spe * o.batch_size, desc=f"epoch {state.epoch + 1}/{o.epochs}", enabled=r.progress and env.is_main)
 

@@ -40,11 +40,14 @@ def extract_features(
     workers: int = 4,
     desc: str = "embed",
     progress: bool = False,
+    gather: bool = True,
 ) -> Tensor:
     """Run `fn` over every image (eval transform) -> (N, ...) on `device`, row i = index i.
 
     Under torchrun each rank embeds one contiguous shard; the shards are padded to equal length,
-    all-gathered and trimmed, so every rank gets the full, ordered result.
+    all-gathered and trimmed, so every rank gets the full, ordered result. ``gather=False`` returns
+    this rank's shard only: rows rank * S .. min((rank + 1) * S, N) - 1 with S = ceil(N / world),
+    possibly none, (n_r, ...).
     """
     n, world, rank = len(images), dist.world_size(), dist.rank()
     shard = -(-n // world)  # ceil
@@ -56,13 +59,15 @@ def extract_features(
         bar.update(x.shape[0])
     bar.close()
     local = torch.cat(outs) if outs else None
-    if world == 1:
+    if world == 1 or (not gather and local is not None):
         assert local is not None
         return local
-    # Ranks past the end have no rows; they still need the shape to join the gather.
+    # Ranks past the end have no rows; they still need the shape (to join the gather or return (0, ...)).
     if local is None:
         probe = fn(preprocess(next(eval_batches(images, 1, device=device, workers=0, size=size)), size, mean=mean, std=std))
         local = probe.float()[:0]
+    if not gather:
+        return local
     pad = torch.zeros((shard - local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
     gathered = dist.all_gather_cat(torch.cat([local, pad]))  # (world * shard, ...)
     return gathered[:n]

@@ -34,11 +34,21 @@ float64):
 Rows may be sharded across ranks (``sharded=True``): every rank passes its own rows, the
 K-sized column sums (plus the error) are all-reduced once per iteration, and every rank ends with
 the same cluster scaling, hence the same result as one process solving the whole matrix.
+
+Memory. The solver's one large array is the kernel m (n, K). It needs the log-posteriors three
+times: to build m, to rebuild it at each absorption, and for the final argmax, always block by
+block of ``chunk`` rows and always elementwise (a row max, then shifts and an exp per entry).
+:func:`sinkhorn_knopp_rows` takes them as a function of a row block instead of a tensor, so a
+caller that can recompute them (SeLa: one small matrix product and a log_softmax from this rank's
+features, n x D instead of n x K) keeps a single n x K array alive: half of what
+:func:`sinkhorn_knopp` needs with its (n, K) ``log_p`` input. Both run the same arithmetic on the
+same blocks, so for equal log-posteriors they return equal bits.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -65,12 +75,20 @@ class SinkhornResult(NamedTuple):
     iters: int  # Sinkhorn iterations run
     err: float  # sum_i |N (Q 1)_i - 1| at the last check
     converged: bool  # err <= tol before max_iter
+    rebuilds: int = 0  # absorptions that rebuilt the kernel (each one reads every log-posterior once)
 
 
-def _kernel(log_p: Tensor, lamb: float, a: Tensor, b: Tensor, floor: float, out: Tensor) -> Tensor:
+# rows(lo, hi) -> (hi - lo, K) log-posteriors of rows lo .. hi-1 of this rank's block.
+LogPRows = Callable[[int, int], Tensor]
+
+
+def _kernel(rows: LogPRows, n: int, lamb: float, a: Tensor, b: Tensor, floor: float, out: Tensor, chunk: int) -> Tensor:
     """exp(lamb * log_p - a[:, None] - b[None, :]) in place in `out`, entries below e^-floor set to 0: (n, K)."""
-    torch.mul(log_p, lamb, out=out).sub_(a[:, None]).sub_(b)
-    return _exp_flushed_(out, floor)
+    for i in range(0, n, chunk):
+        blk = out[i : i + chunk]  # (c, K) view
+        torch.mul(rows(i, min(i + chunk, n)).to(out.dtype), lamb, out=blk).sub_(a[i : i + chunk, None]).sub_(b)
+        _exp_flushed_(blk, floor)
+    return out
 
 
 def _exp_flushed_(x: Tensor, floor: float) -> Tensor:
@@ -111,7 +129,8 @@ def sinkhorn_knopp(
             exp(+-absorb_at), such an entry adds less than e^-24 to a row whose sum is about 1
             (the targets are scaled so), below float32 rounding. Above ~15 that floor reaches the
             subnormal range: still correct, but slower on CPUs.
-        chunk: rows per block for the final argmax (bounds its temporary memory).
+        chunk: rows per block when building the kernel and taking the final argmax (bounds
+            their temporary memory).
 
     Returns:
         A :class:`SinkhornResult` for this rank's rows.
@@ -121,11 +140,44 @@ def sinkhorn_knopp(
     """
     if log_p.ndim != 2:
         raise ValueError(f"log_p must be (N, K); got shape {tuple(log_p.shape)}")
+    return sinkhorn_knopp_rows(
+        lambda lo, hi: log_p[lo:hi], log_p.shape[0], log_p.shape[1], lamb, tol, max_iter,
+        dtype=torch.float64 if log_p.dtype == torch.float64 else torch.float32, device=log_p.device,
+        sharded=sharded, overrelax=overrelax, absorb_at=absorb_at, chunk=chunk,
+    )
+
+
+@torch.no_grad()
+def sinkhorn_knopp_rows(
+    rows: LogPRows,
+    n: int,
+    k: int,
+    lamb: float,
+    tol: float = 0.1,
+    max_iter: int = 1000,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    sharded: bool = False,
+    overrelax: bool = True,
+    absorb_at: float = 15.0,
+    chunk: int = 8192,
+) -> SinkhornResult:
+    """:func:`sinkhorn_knopp` with the log-posteriors given block by block: one (n, K) array in memory.
+
+    Args:
+        rows: rows(lo, hi) returns the (hi - lo, K) log-posteriors of rows lo .. hi-1; called with
+            the blocks [0, chunk), [chunk, 2 chunk), ... once to build the kernel, once per
+            absorption (``SinkhornResult.rebuilds``) and once for the final argmax. It must
+            return the same values every time (the solver assumes a fixed matrix).
+        n, k: this rank's number of rows (may be 0) and the number of clusters.
+        dtype: the kernel's dtype (float32, or float64 for a float64 solve).
+        device: where the kernel lives.
+        Other arguments: as :func:`sinkhorn_knopp`.
+    """
     if lamb <= 0 or tol < 0 or max_iter < 1:
         raise ValueError(f"need lamb > 0, tol >= 0, max_iter >= 1; got {lamb}, {tol}, {max_iter}")
-    n, k = log_p.shape
-    dt = torch.float64 if log_p.dtype == torch.float64 else torch.float32
-    dev = log_p.device
+    dt, dev = dtype, torch.device(device)
 
     def reduce_(x: Tensor) -> Tensor:
         return dist.all_reduce_(x) if sharded else x
@@ -135,11 +187,15 @@ def sinkhorn_knopp(
 
     # Kernel offsets: a_i = row max, then b_k = column max of the row-shifted matrix. Each row's
     # own argmax column then has b_k = 0, so every row and every column holds a 1 after exp.
-    m = log_p.to(dt) * lamb  # (n, K) becomes the kernel in place
-    a = m.amax(1) if n else m.new_zeros(0)  # (n,)
+    m = torch.empty((n, k), dtype=dt, device=dev)  # (n, K) becomes the kernel in place
+    a = m.new_empty(n)  # (n,)
+    for i in range(0, n, chunk):
+        blk = m[i : i + chunk]  # (c, K) view
+        torch.mul(rows(i, min(i + chunk, n)).to(dt), lamb, out=blk)
+        a[i : i + chunk] = blk.amax(1)
+        blk.sub_(a[i : i + chunk, None])
     if not bool(torch.isfinite(a).all()):
         raise ValueError("log_p holds NaN or +inf, or a row whose entries are all -inf")
-    m.sub_(a[:, None])
     b = m.amax(0) if n else m.new_full((k,), -math.inf)  # (K,)
     if sharded:
         b = dist.all_gather_cat(b[None]).amax(0)  # (K,) global column max
@@ -155,7 +211,7 @@ def sinkhorn_knopp(
     omega, adapt = 1.0, overrelax
     errs: list[float] = []
     best, since_best = math.inf, 0
-    err, it, converged = math.inf, 0, False
+    err, it, converged, rebuilds = math.inf, 0, False, 0
     while True:
         it += 1
         s = m @ v  # (n,) row sums of diag(1) m diag(v)
@@ -195,7 +251,8 @@ def sinkhorn_knopp(
         if big_v:
             b, v = b - v.log(), torch.ones_like(v)
         if big_u or big_v:
-            _kernel(log_p, lamb, a, b, floor, out=m)
+            _kernel(rows, n, lamb, a, b, floor, m, chunk)
+            rebuilds += 1
 
     del m
     log_u = u.log() - a - math.log(n_total)  # (n,)
@@ -203,8 +260,8 @@ def sinkhorn_knopp(
     labels = torch.empty(n, dtype=torch.long, device=dev)
     for i in range(0, n, chunk):
         # The row term log_u_i does not change a row's argmax.
-        labels[i : i + chunk] = (log_p[i : i + chunk].to(dt) * lamb + log_v).argmax(1)
-    return SinkhornResult(labels, log_u, log_v, it, err, converged)
+        labels[i : i + chunk] = (rows(i, min(i + chunk, n)).to(dt) * lamb + log_v).argmax(1)
+    return SinkhornResult(labels, log_u, log_v, it, err, converged, rebuilds)
 
 
 def transport_plan(log_p: Tensor, lamb: float, result: SinkhornResult) -> Tensor:

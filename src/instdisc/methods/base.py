@@ -39,6 +39,10 @@ class EpochContext:
     # Ground-truth labels where the source has them: SeLa scores its clusters with them, and
     # `--method supervised` trains on them; the self-supervised objectives never see them.
     labels: Tensor | None = None
+    # predict_shard(fn): the same, but only this rank's contiguous block of rows, rank * S ..
+    # min((rank + 1) * S, N) - 1 with S = ceil(N / world): (n_r, ...), nothing gathered.
+    # None where the caller offers only predict_all.
+    predict_shard: Callable[[Callable[[Tensor], Tensor]], Tensor] | None = None
 
 
 class Method(nn.Module):

@@ -24,15 +24,42 @@ heads. The schedule depends on ``--epochs`` only, so a resumed run relabels exac
 uninterrupted one.
 
 The label pass. The paper's code runs it with training augmentation and the network in training
-mode; here it uses ``EpochContext.predict_all`` (every training image once, the evaluation
+mode; here it uses ``EpochContext.predict_shard`` (each training image once, the evaluation
 transform, eval mode): deterministic labels, identical on resume, and no BatchNorm statistics
-updated by a pass that is not training. The backbone features (N, D) are computed once and all
-heads are applied to them (as the paper's code does for H > 1).
+updated by a pass that is not training. The backbone features are computed once and all heads are
+applied to them (as the paper's code does for H > 1).
 
-Distributed: predict_all returns the full, index-ordered features on every rank; each rank then
-builds the log-posteriors of its own contiguous block of rows only (the N x K matrix is sharded by
-rows), the solver all-reduces the K column sums, and the new labels are all-gathered, so every
-rank ends with the same H x N buffer (the engine checks this at every checkpoint).
+Distributed: the N x K matrix is sharded by rows. Each rank embeds only its own contiguous block
+of n_r = ceil(N / world) images (``predict_shard``: nothing is gathered; a caller that offers only
+``predict_all`` still works, its full (N, D) result is cut to this rank's block), the solver
+all-reduces the K column sums, and the new labels are all-gathered, so every rank ends with the
+same H x N buffer (the engine checks this at every checkpoint).
+
+Memory of the label pass, per rank, one head at a time (K = that head's clusters, D = feature
+width, fp32): this rank's features (n_r x D, kept for all heads) plus the solver's kernel
+(n_r x K) plus temporaries of blocks of 8192 rows (0.21-0.25 GB at K = 3,000, measured). The
+log-posteriors are never stored: the solver (``sinkhorn.sinkhorn_knopp_rows``) asks for them
+block by block, and each block is recomputed from the features (an (8192, D) x (D, K) product and
+a log_softmax) to build the kernel, at each absorption (``sk_rebuilds`` in the log) and for the
+final argmax. The earlier code held all N x D features on every rank plus the log-posteriors
+next to the kernel: N D + 2 n_r K floats. Measured (benchmarks/sela_relabel_memory.py,
+docs/benchmarks.md "SeLa relabel memory"): peak growth 1.09 N K floats against 2.09 at
+N = 200 k, K = 3,000, identical labels, and 1.7x the time on CPU (10 rebuilds, each one more
+product of D = 128 features; on a GPU the product is cheap against the pass over the images).
+
+Options weighed: (1) keep only the kernel and rescale it in place at absorption (no
+recomputation): entries flushed to zero stay zero and the rounding changes, so iterations and
+labels drift (1 label of 5,000 and 140 -> 152 iterations at logit std 10, 5,000 x 100), and the
+final argmax still needs the log-posteriors; (2) store the log-posteriors in fp16 / bf16: 3-12 /
+22-65 labels of 20,000 change (20,000 x 300, logit std 2 and 4); (3) recompute them block by
+block, chosen: the blocks are fixed and each product and log_softmax is row-wise, so every
+recomputation returns the same values and the solve is exactly the solve of those
+log-posteriors. On CPU (MKL) a row block of a matrix product has the same bits as the full
+product, so the labels equal the earlier code's (tests/test_sela.py,
+test_relabel_labels_equal_the_full_matrix_path and
+test_sharded_relabel_from_feature_shards_equals_the_full_matrix_path). On a GPU a block's product
+may differ from the full product in the last bit (cuBLAS picks kernels by shape), which can only
+move a label whose two best clusters tie to float32 rounding.
 
 Outputs. At each relabelling, and at the start of the last epoch, rank 0 writes
 RUN_DIR/pseudo_labels/head{h}.npy ((N,) int64, row i = dataset index i) and meta.json; labels change
@@ -61,7 +88,7 @@ from instdisc import dist
 from instdisc.cluster import cluster_metrics
 from instdisc.errors import ConfigError
 from instdisc.methods.base import EpochContext, Method, StepOutput, full_precision
-from instdisc.sinkhorn import sinkhorn_knopp
+from instdisc.sinkhorn import sinkhorn_knopp_rows
 
 
 @dataclass
@@ -206,33 +233,42 @@ class SeLa(Method):
     def relabel(self, ctx: EpochContext, heads: list[int]) -> dict[str, Any]:
         """Re-solve the labels of `heads` on the whole training set; returns scalars to log."""
         t0 = time.perf_counter()
+        n, world, rank = self.num_samples, dist.world_size(), dist.rank()
+        shard = -(-n // world)
+        lo, hi = min(rank * shard, n), min((rank + 1) * shard, n)
         was_training = self.training
         self.eval()
         try:
-            feats = ctx.predict_all(self.backbone)  # (N, D) full and index-ordered on every rank
+            if ctx.predict_shard is not None:
+                local = ctx.predict_shard(self.backbone).float()  # (n_r, D) this rank's rows only
+            else:
+                feats = ctx.predict_all(self.backbone)  # (N, D) full and index-ordered on every rank
+                if feats.shape[0] != n:
+                    raise RuntimeError(f"predict_all returned {feats.shape[0]} rows for {n} training images")
+                local = feats[lo:hi].float().clone() if world > 1 else feats.float()  # a copy: frees the rest
+                del feats
         finally:
             self.train(was_training)
-        n, world, rank = feats.shape[0], dist.world_size(), dist.rank()
-        if n != self.num_samples:
-            raise RuntimeError(f"predict_all returned {n} rows for {self.num_samples} training images")
-        shard = -(-n // world)
-        local = feats[min(rank * shard, n) : min((rank + 1) * shard, n)].float()  # (n_r, D) this rank's rows
-        del feats
+        if local.shape[0] != hi - lo:
+            raise RuntimeError(f"rank {rank} got {local.shape[0]} feature rows for its {hi - lo} training images")
         weights = self.heads.weight.float().split(self.sizes, dim=0)  # H x (K_h, D)
         biases = self.heads.bias.float().split(self.sizes, dim=0)
         logs: dict[str, Any] = {"relabel_heads": len(heads)}
         per_head: dict[str, list[float]] = {}
         for h in heads:
-            log_p = torch.log_softmax(local @ weights[h].t() + biases[h], dim=1)  # (n_r, K_h)
-            res = sinkhorn_knopp(
-                log_p, self.cfg.lamb, self.cfg.sk_tol, self.cfg.sk_max_iter,
-                sharded=world > 1, overrelax=self.cfg.sk_overrelax,
+            w, b = weights[h], biases[h]
+
+            def log_posteriors(i: int, j: int, w: Tensor = w, b: Tensor = b) -> Tensor:
+                return torch.log_softmax(local[i:j] @ w.t() + b, dim=1)  # (j - i, K_h)
+
+            res = sinkhorn_knopp_rows(
+                log_posteriors, hi - lo, self.sizes[h], self.cfg.lamb, self.cfg.sk_tol, self.cfg.sk_max_iter,
+                device=local.device, sharded=world > 1, overrelax=self.cfg.sk_overrelax,
             )
-            del log_p
             new = _gather_rows(res.labels, shard, n)  # (N,) identical on every rank
             changed = float((new != self.labels[h]).float().mean())
             self.labels[h].copy_(new)
-            stats = {"sk_iters": float(res.iters), "sk_err": res.err, "changed": changed}
+            stats = {"sk_iters": float(res.iters), "sk_err": res.err, "sk_rebuilds": float(res.rebuilds), "changed": changed}
             if ctx.labels is not None and dist.is_main():
                 true = ctx.labels.cpu().numpy()
                 stats.update(cluster_metrics(new.cpu().numpy(), true, num_clusters=self.sizes[h]))
