@@ -55,13 +55,13 @@ def child(path: str, n: int, k: int, d: int, logit_std: float, seed: int, labels
     import torch
     from torch import nn
 
-    from instdisc.config import resolve
+    from instdisc.methods import resolve_config
     from instdisc.methods.base import EpochContext
     from instdisc.methods.sela import SeLa
     from instdisc.sinkhorn import sinkhorn_knopp
 
     torch.manual_seed(seed)
-    cfg = resolve({"hc": 1, "ncl": [k], "lamb": 25.0, "sk_tol": 0.1, "sk_max_iter": 1000, "export_labels": False}, {}, "sela")
+    cfg = resolve_config({"hc": 1, "ncl": [k], "lamb": 25.0, "sk_tol": 0.1, "sk_max_iter": 1000, "export_labels": False}, {}, "sela")
     method = SeLa(nn.Identity(), d, n, cfg.method)
     feats = torch.randn(n, d)  # (N, D), made in place: no transient above the baseline
     with torch.no_grad():

@@ -280,7 +280,7 @@ def test_config_errors_are_clear():
 
 def _feature_sela(n, d, sizes, logit_std, seed, **kw):
     """SeLa on fixed features (identity backbone) with a random head whose logits have about `logit_std`."""
-    cfg = resolve({"hc": len(sizes), "ncl": sizes, "lamb": 25.0, **kw}, {}, "sela").method
+    cfg = resolve_config({"hc": len(sizes), "ncl": sizes, "lamb": 25.0, **kw}, {}, "sela").method
     m = SeLa(nn.Identity(), d, n, cfg)
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(n, d, generator=g)
