@@ -13,6 +13,7 @@ from gloo import free_port, init_gloo
 from scipy.special import logsumexp
 from torch import nn
 
+from instdisc.checkpoint import run_files_saver
 from instdisc.cli import main
 from instdisc.cluster import (
     adjusted_rand,
@@ -227,9 +228,9 @@ def test_round_robin_and_all_heads(monkeypatch):
 
 def test_final_labels_exported_even_without_relabelling(tmp_path):
     m = _tiny_sela(30, nopts=0)
-    assert m.on_epoch_start(EpochContext(epoch=0, num_epochs=2, predict_all=None, out_dir=str(tmp_path))) == {}
+    assert m.on_epoch_start(EpochContext(epoch=0, num_epochs=2, predict_all=None, save=run_files_saver(tmp_path))) == {}
     assert not (tmp_path / "pseudo_labels").exists()
-    m.on_epoch_start(EpochContext(epoch=1, num_epochs=2, predict_all=None, out_dir=str(tmp_path)))
+    m.on_epoch_start(EpochContext(epoch=1, num_epochs=2, predict_all=None, save=run_files_saver(tmp_path)))
     assert np.load(tmp_path / "pseudo_labels" / "head1.npy").tolist() == m.labels[1].tolist()
 
 
@@ -255,7 +256,7 @@ def test_relabel_recovers_separable_classes_and_logs_metrics(tmp_path):
         m.heads.bias.zero_()
     feats = nn.functional.one_hot((true + 1) % k, k).float() + 0.1 * torch.randn(n, k)  # class c -> cluster c+1
     logs = m.on_epoch_start(EpochContext(epoch=0, num_epochs=1, predict_all=lambda fn: fn(feats),
-                                         out_dir=str(tmp_path), labels=true))
+                                         save=run_files_saver(tmp_path), labels=true))
     assert torch.equal(m.labels[0], (true + 1) % k)
     assert logs["nmi_h0"] == pytest.approx(1.0) and logs["acc_h0"] == pytest.approx(1.0)
     assert logs["ari"] == pytest.approx(1.0) and logs["purity"] == pytest.approx(1.0)

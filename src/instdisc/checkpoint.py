@@ -136,6 +136,26 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_run_files(run_dir: str | Path, files: dict[str, bytes]) -> list[Path]:
+    """Write {path relative to run_dir: content} atomically (folders made); returns the paths.
+    What a method's epoch hook saves through `EpochContext.save` (SeLa's pseudo-labels)."""
+    written = []
+    for rel, data in files.items():
+        path = Path(run_dir) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic_write(path, lambda tmp, data=data: tmp.write_bytes(data))
+        except OSError as e:
+            raise UserError(f"could not write {str(path)!r}: {e.strerror or e}.") from None
+        written.append(path)
+    return written
+
+
+def run_files_saver(run_dir: str | Path, *, is_main: bool = True) -> Callable[[dict[str, bytes]], list[Path]]:
+    """`EpochContext.save` for a run directory: rank 0 writes (`write_run_files`), other ranks do nothing."""
+    return lambda files: write_run_files(run_dir, files) if is_main else []
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace a small text file (config.json, metrics.jsonl) so that readers never see half of it."""
     try:

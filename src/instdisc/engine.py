@@ -29,7 +29,13 @@ from torch import Tensor, nn
 
 from instdisc import __version__, dist
 from instdisc.augment import AugmentConfig, augment
-from instdisc.checkpoint import atomic_write_text, checkpoint_dir, save_checkpoint, write_failure
+from instdisc.checkpoint import (
+    atomic_write_text,
+    checkpoint_dir,
+    run_files_saver,
+    save_checkpoint,
+    write_failure,
+)
 from instdisc.config import OptimConfig, TrainConfig
 from instdisc.dist import Env
 from instdisc.errors import CheckpointError, DataError, InstdiscWarning, NonFiniteError, UserError
@@ -675,7 +681,7 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
             epoch_logs: dict[str, Any] = {}
             if state.epoch_step == 0:
                 epoch_logs.update(method.on_epoch_start(EpochContext(
-                    epoch=state.epoch, num_epochs=o.epochs, predict_all=ctx_predict, out_dir=str(out),
+                    epoch=state.epoch, num_epochs=o.epochs, predict_all=ctx_predict, save=run_files_saver(out, is_main=env.is_main),
                     labels=None if train.labels is None else torch.from_numpy(train.labels),
                     predict_shard=lambda fn: ctx_predict(fn, gather=False),
                 )))

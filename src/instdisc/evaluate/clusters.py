@@ -33,10 +33,10 @@ def run_clusters(
     """
     import torch
 
-    from instdisc.checkpoint import find_checkpoint
+    from instdisc.checkpoint import find_checkpoint, write_run_files
     from instdisc.errors import CheckpointError, UserError
     from instdisc.methods import read_run
-    from instdisc.methods.sela import export_pseudo_labels
+    from instdisc.methods.sela import pseudo_label_files
     from instdisc.sources import open_source
 
     cfg, ck = read_run(run)  # the labels are all it needs: no model is built
@@ -50,7 +50,7 @@ def run_clusters(
                          image_size=cfg.data.image_size, progress=progress)
     if len(images) != labels.shape[1]:
         raise CheckpointError(f"the checkpoint has labels for {labels.shape[1]} images but the source has {len(images)}.")
-    export_pseudo_labels(run_dir, labels, sizes, epoch=int(ck.get("state", {}).get("epoch", -1)))
+    write_run_files(run_dir, pseudo_label_files(labels, sizes, epoch=int(ck.get("state", {}).get("epoch", -1))))
     chosen = list(range(labels.shape[0])) if heads is None else list(heads)
     out = []
     for h in chosen:

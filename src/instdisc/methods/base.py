@@ -35,7 +35,10 @@ class EpochContext:
     # predict_all(fn) runs fn over every training image (in dataset order, eval transform) and
     # returns the concatenated outputs: (N, ...). Distributed-safe.
     predict_all: Callable[[Callable[[Tensor], Tensor]], Tensor]
-    out_dir: str | None = None
+    # save({path relative to the run directory: bytes}) writes files atomically on rank 0 (the
+    # engine's `checkpoint.run_files_saver`); None where there is no run directory. Methods never
+    # open files themselves.
+    save: Callable[[dict[str, bytes]], Any] | None = None
     # Ground-truth labels where the source has them: SeLa scores its clusters with them, and
     # `--method supervised` trains on them; the self-supervised objectives never see them.
     labels: Tensor | None = None

@@ -72,8 +72,8 @@ Hungarian-matched accuracy of each relabelled head go to metrics.jsonl.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,8 +219,8 @@ class SeLa(Method):
         counts = relabel_schedule(ctx.num_epochs, self.cfg.nopts, self.cfg.spacing)
         due = counts[ctx.epoch] if ctx.epoch < len(counts) else 0
         if due == 0:
-            if ctx.epoch == ctx.num_epochs - 1 and self.cfg.export_labels and ctx.out_dir is not None and dist.is_main():
-                self.export_labels(ctx.out_dir, epoch=ctx.epoch)  # the final labels, even with --nopts 0
+            if ctx.epoch == ctx.num_epochs - 1 and self.cfg.export_labels and ctx.save is not None:
+                ctx.save(self.label_files(epoch=ctx.epoch))  # the final labels, even with --nopts 0
             return {}
         if self.cfg.relabel_heads == "all":
             heads = list(range(self.cfg.hc))
@@ -278,13 +278,13 @@ class SeLa(Method):
         # Means over the heads relabelled now (with one head: that head's values).
         logs.update({key: float(np.mean(vals)) for key, vals in per_head.items()})
         logs["relabel_s"] = time.perf_counter() - t0
-        if self.cfg.export_labels and ctx.out_dir is not None and dist.is_main():
-            self.export_labels(ctx.out_dir, epoch=ctx.epoch)
+        if self.cfg.export_labels and ctx.save is not None:
+            ctx.save(self.label_files(epoch=ctx.epoch))
         return logs
 
-    def export_labels(self, out_dir: str | Path, *, epoch: int | None = None) -> list[Path]:
-        """Write RUN/pseudo_labels/head{h}.npy ((N,) int64, index-ordered) and meta.json."""
-        return export_pseudo_labels(Path(out_dir), self.labels, self.sizes, epoch=epoch)
+    def label_files(self, *, epoch: int | None = None) -> dict[str, bytes]:
+        """RUN/pseudo_labels/head{h}.npy ((N,) int64, index-ordered) and meta.json, as bytes."""
+        return pseudo_label_files(self.labels, self.sizes, epoch=epoch)
 
 
 def _gather_rows(local: Tensor, shard: int, n: int) -> Tensor:
@@ -295,19 +295,16 @@ def _gather_rows(local: Tensor, shard: int, n: int) -> Tensor:
     return dist.all_gather_cat(torch.cat([local, pad]))[:n]
 
 
-def export_pseudo_labels(out_dir: Path, labels: Tensor, sizes: list[int], *, epoch: int | None = None) -> list[Path]:
-    """Atomically write each head's labels as RUN/pseudo_labels/head{h}.npy plus meta.json."""
-    folder = Path(out_dir) / "pseudo_labels"
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
+def pseudo_label_files(labels: Tensor, sizes: list[int], *, epoch: int | None = None) -> dict[str, bytes]:
+    """The pseudo-label export: {"pseudo_labels/head{h}.npy": (N,) int64 in dataset index order, ...,
+    "pseudo_labels/meta.json": heads, clusters, epoch}. Pure: the caller writes them (EpochContext.save,
+    `instdisc clusters`), atomically, through `checkpoint.write_run_files`."""
+    files: dict[str, bytes] = {}
     for h, row in enumerate(labels.cpu().numpy().astype(np.int64)):
-        path = folder / f"head{h}.npy"
-        tmp = folder / f".head{h}.npy.tmp"
-        with open(tmp, "wb") as fh:
-            np.save(fh, row)
-        os.replace(tmp, path)
-        written.append(path)
+        buf = io.BytesIO()
+        np.save(buf, row, allow_pickle=False)
+        files[f"pseudo_labels/head{h}.npy"] = buf.getvalue()
     meta = {"epoch": epoch, "heads": len(sizes), "clusters": sizes, "num_samples": int(labels.shape[1]),
-            "files": [p.name for p in written], "order": "row i = training image i (dataset index order)"}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-    return [*written, folder / "meta.json"]
+            "files": [Path(k).name for k in files], "order": "row i = training image i (dataset index order)"}
+    files["pseudo_labels/meta.json"] = json.dumps(meta, indent=2).encode()
+    return files
