@@ -111,7 +111,10 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "seed of all randomness (model init, data order, augmentation)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        default="auto", metadata={"help": "autocast dtype; auto = bf16 where supported, else fp32"}
+        default="auto",
+        metadata={"help": "autocast dtype of the networks (similarities, logits and losses stay fp32); auto = bf16 "
+                          "on a CUDA GPU that has it (else fp16), fp32 on CPU (bf16 measured slower on CPUs without "
+                          "AMX; --precision bf16 forces it)"},
     )
     channels_last: bool = field(default=True, metadata={"help": "NHWC memory format (faster convs on CPU and GPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU)"})

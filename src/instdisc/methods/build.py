@@ -23,6 +23,12 @@ def build_method(cfg: TrainConfig, num_samples: int) -> Method:
     from instdisc.methods import METHODS
     from instdisc.models import build_backbone
 
+    # Size-dependent hyper-parameters left unset are chosen for N here, in the config, before the
+    # method sees it (the training loop does it earlier, with the class count, and says so; kept
+    # values are never changed). Constructors only check.
+    fill = getattr(cfg.method, "fill_defaults", None)
+    if fill is not None:
+        fill(num_samples)
     backbone, feat_dim = build_backbone(cfg.model.arch, width=cfg.model.width, cifar_stem=cfg.model.cifar_stem)
     return METHODS[cfg.run.method](backbone, feat_dim, num_samples, cfg.method)
 

@@ -157,7 +157,8 @@ class MoCo(Method):
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_samples: int, cfg: MoCoConfig) -> None:
         super().__init__(backbone, feat_dim, num_samples)
-        cfg.fill_defaults(num_samples)
+        if cfg.moco_k is None:
+            raise ConfigError("--moco-k is unresolved: fill_defaults(N) (methods.build_method does) chooses it.")
         self.cfg = cfg
         self.head = ProjectionHead(feat_dim, cfg.dim, hidden_dim=feat_dim if cfg.mlp else 0, bn=False)
         # The key encoder starts as an exact copy and never receives gradients.

@@ -88,7 +88,8 @@ class NPIDConfig:
         return [f"--nce-k {self.nce_k} ({why})"]
 
     def validate(self, num_samples: int) -> None:
-        self.fill_defaults(num_samples)
+        if self.nce_k is None:
+            raise ConfigError("--nce-k is unresolved: fill_defaults(N) (methods.build_method does) chooses it.")
         if self.nce_t <= 0:
             raise ConfigError(f"--nce-t must be > 0 (it divides the similarities); got {self.nce_t}.")
         if not 0.0 <= self.nce_m < 1.0:

@@ -133,7 +133,8 @@ class SeLaConfig:
         return list(self.ncl) * self.hc if len(self.ncl) == 1 else list(self.ncl)
 
     def validate(self, num_samples: int) -> None:
-        self.fill_defaults(num_samples)
+        if self.ncl is None:
+            raise ConfigError("--ncl is unresolved: fill_defaults(N) (methods.build_method does) chooses it.")
         if self.hc < 1:
             raise ConfigError(f"--hc (number of heads) must be >= 1; got {self.hc}.")
         if len(self.ncl) not in (1, self.hc):

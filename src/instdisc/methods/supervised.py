@@ -41,8 +41,15 @@ class SupervisedConfig:
     )
 
     def fill_defaults(self, num_samples: int, num_classes: int = 0) -> list[str]:
-        """With ground-truth labels and no --num-classes: the training split's number of classes."""
-        if self.num_classes != 0 or self.labels is not None or num_classes < 1:
+        """--num-classes 0: 1 + the largest label of --labels, or (ground truth) the training split's
+        number of classes. Resolved before the model is built and kept in the run's config, so
+        rebuilding from a checkpoint never needs the label file again."""
+        if self.num_classes != 0:
+            return []
+        if self.labels is not None:
+            self.num_classes = int(load_label_file(self.labels, num_samples).max()) + 1
+            return [f"--num-classes {self.num_classes} (1 + the largest label of --labels)"]
+        if num_classes < 1:
             return []
         self.num_classes = num_classes
         return [f"--num-classes {num_classes} (the training split's classes)"]
@@ -81,14 +88,10 @@ class Supervised(Method):
         if cfg.num_classes < 0:
             raise ConfigError(f"--num-classes must be >= 0; got {cfg.num_classes}.")
         if cfg.num_classes == 0:
-            if cfg.labels is None:
-                raise ConfigError(
-                    "--num-classes is needed when training on the source's ground-truth labels (e.g. 10 for "
-                    "CIFAR-10), or pass --labels FILE.npy."
-                )
-            # Resolved here and kept in the run's config, so rebuilding from a checkpoint never
-            # needs the file again.
-            cfg.num_classes = int(load_label_file(cfg.labels, num_samples).max()) + 1
+            raise ConfigError(
+                "--num-classes is needed when training on the source's ground-truth labels (e.g. 10 for "
+                "CIFAR-10), or pass --labels FILE.npy."
+            )
         self.cfg = cfg
         self.classifier = nn.Linear(feat_dim, cfg.num_classes)
         # -1 = "not loaded yet": cross-entropy refuses it, so a missing epoch-start hook cannot go unnoticed.
