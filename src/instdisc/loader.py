@@ -287,27 +287,23 @@ class TrainLoader:
         elif self.crops is not None:
             assert isinstance(self.images, FileImageSet)
             first = epoch * steps + start_step if first_step is None else first_step
-            dl = torch.utils.data.DataLoader(
-                _CropBatches(self.images, idx_batches, self.crops, seed=self.seed, rank=self.rank, first_step=first),
-                batch_size=None,
-                num_workers=self.workers,
-                pin_memory=self.device.type == "cuda",
-                persistent_workers=False,
-                worker_init_fn=_ignore_stop_signals,
+            dl = self._workers(
+                _CropBatches(self.images, idx_batches, self.crops, seed=self.seed, rank=self.rank, first_step=first)
             )
             for idx, xs in zip(idx_batches, dl, strict=True):
                 yield [x.to(self.device, non_blocking=True).permute(0, 3, 1, 2) for x in xs], idx.to(self.device)
         else:
-            dl = torch.utils.data.DataLoader(
-                _FileBatches(self.images, idx_batches),
-                batch_size=None,
-                num_workers=self.workers,
-                pin_memory=self.device.type == "cuda",
-                persistent_workers=False,
-                worker_init_fn=_ignore_stop_signals,
-            )
+            dl = self._workers(_FileBatches(self.images, idx_batches))
             for idx, x in zip(idx_batches, dl, strict=True):
                 yield x.to(self.device, non_blocking=True).permute(0, 3, 1, 2), idx.to(self.device)
+
+    def _workers(self, batches: torch.utils.data.Dataset) -> torch.utils.data.DataLoader:
+        """DataLoader workers over a dataset of whole batches (one item = one batch), pinned for CUDA;
+        the workers leave SIGTERM/SIGINT to the main process (it checkpoints)."""
+        return torch.utils.data.DataLoader(
+            batches, batch_size=None, num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, worker_init_fn=_ignore_stop_signals,
+        )
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
