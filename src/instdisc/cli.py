@@ -1,6 +1,6 @@
 """Command line: wiring only, no maths.
 
-  instdisc train --method npid --data SOURCE --out RUN_DIR [--config FILE] [--epochs N] [--resume]
+  instdisc train --method npid --data SOURCE --out RUN_DIR [--config FILE] [--epochs N] [--resume [auto]]
   instdisc embed RUN_DIR_OR_CHECKPOINT --data SOURCE --split train|test --out FILE.npy
   instdisc knn|linear|lowshot RUN_DIR_OR_CHECKPOINT | --train FILE.npy --test FILE.npy
   instdisc stages|neighbors|map RUN_DIR_OR_CHECKPOINT     (also released weights: instdisc weights FILE)
@@ -145,24 +145,39 @@ def layout_name(text: str) -> str:
     return text
 
 
+def resume_mode(text: str) -> str:
+    """argparse type of --resume's optional value: only "auto" (plain --resume needs none)."""
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"the only value --resume takes is auto; got {text!r}")
+    return text
+
+
 def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
     """The method decides which flags exist, and may come from the config file or, on --resume,
     from the run itself: find it first. -> (method, config path, the TrainConfig of the run to
-    resume or None)."""
+    resume or None). With ``--resume auto`` that run is None when this launch starts the run
+    (`engine.resume_auto` decides)."""
     from instdisc.config import RunConfig, load_preset
     from instdisc.methods import read_run
 
     pre = Parser(add_help=False)
     pre.add_argument("--method", dest="run.method", default=None)
     pre.add_argument("--config", default=None)
-    pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--resume", nargs="?", const=True, default=False, type=resume_mode)
     pre.add_argument("--out", dest="run.out", default=None)
     ns, _ = pre.parse_known_args(argv)
     preset = load_preset(ns.config) if ns.config else {}
     method = getattr(ns, "run.method") or preset.get("method")
     stored = None
-    if ns.resume:
-        stored = read_run(getattr(ns, "run.out") or preset.get("out") or RunConfig().out)[0]
+    out = getattr(ns, "run.out") or preset.get("out") or RunConfig().out
+    if ns.resume == "auto":
+        from instdisc.engine import resume_auto
+
+        resuming = resume_auto(Path(out).expanduser().resolve())
+    else:
+        resuming = bool(ns.resume)
+    if resuming:
+        stored = read_run(out)[0]
         method = method or stored.run.method  # the run's own method: --resume needs no --method
     return method or "npid", ns.config, stored
 
@@ -181,7 +196,10 @@ def _train_parser(method: str) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--config", help="flat YAML preset whose keys are these flag names (e.g. configs/npid_cifar10.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=resume_mode, metavar="auto",
+                   help="continue the run in --out from its last checkpoint; --resume auto: continue it if --out "
+                        "holds one, else start it (one command line for the first launch, a torchrun restart and a "
+                        "scheduler requeue)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out instead of refusing")
     add_train_arguments(p, method, method_config(method))
     return p
@@ -228,7 +246,12 @@ def cmd_train(argv: Sequence[str]) -> int:
     preset = load_preset(config_path) if config_path else {}
     cfg = resolve_config(preset, flags, method)
     absolute_paths(cfg)  # stored resolved: the run is found again from any working directory
-    if args.resume:
+    auto = args.resume == "auto"
+    if auto and args.overwrite:
+        raise UserError("--resume auto and --overwrite contradict each other: --resume auto never replaces a run.")
+    # --resume auto starting the run: what a launch stopped before its first checkpoint left is replaced.
+    resume, overwrite = (stored_run is not None, stored_run is None) if auto else (args.resume, args.overwrite)
+    if resume:
         # The run's own config wins. Flags of this invocation only (device, progress, an early
         # stop) come from the command line; a few more may be changed on purpose (e.g. --epochs to
         # extend a run; --data for the same images at another path: fit compares their
@@ -263,7 +286,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     env = dist.init_from_env(cfg.run.device, timeout_s=timeout)
     ok = False
     try:
-        metrics = fit(cfg, env, resume=args.resume, overwrite=args.overwrite)
+        metrics = fit(cfg, env, resume=resume, overwrite=overwrite)
         ok = True
     except RuntimeError as e:
         if not (env.distributed and _is_peer_failure(e)):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from instdisc import __version__, dist
 from instdisc.augment import AugmentConfig, augment
-from instdisc.checkpoint import atomic_write_text, checkpoint_dir, save_checkpoint, write_failure
+from instdisc.checkpoint import LAST, PREV, atomic_write_text, checkpoint_dir, save_checkpoint, write_failure
 from instdisc.config import OptimConfig, TrainConfig
 from instdisc.dist import Env
 from instdisc.errors import CheckpointError, DataError, InstdiscWarning, NonFiniteError, UserError
@@ -452,6 +452,38 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+
+# What a launch stopped before its first checkpoint (pre-empted while the data were opened, killed
+# in epoch 1) can leave in its run folder; nothing in them is worth keeping.
+_BEFORE_FIRST_CHECKPOINT = frozenset({"config.json", "metrics.jsonl", "checkpoints", "debug", LOCK_NAME})
+
+
+def resume_auto(out: Path) -> bool:
+    """``--resume auto``: whether this launch continues the run in `out` (True) or starts it (False).
+
+    Continue when the folder holds a checkpoint (last.pt or prev.pt); start when it is absent, empty,
+    or holds only what a launch stopped before its first checkpoint leaves (then started over, as
+    with --overwrite). Anything else is not a run: refused, so that a mistyped --out never trains
+    into someone's folder. The answer depends on the files alone, so every rank of a torchrun or
+    srun launch reads the same one from a shared run folder.
+    """
+    ckd = checkpoint_dir(out)
+    if any((ckd / name).is_file() for name in (LAST, PREV)):
+        return True
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, not a run directory.")
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in _BEFORE_FIRST_CHECKPOINT and not p.name.startswith(".write-test-"))
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise UserError(
+            f"--resume auto: {str(out)!r} is neither empty nor an instdisc run (it holds {shown}). Give an empty "
+            "or new folder as --out, or the folder of the run to continue."
+        )
+    return False
 
 
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
