@@ -81,6 +81,21 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
         assert json.loads((tmp_path / f"stop{r}.json").read_text()) == [False, True, "SIGTERM"], r
 
 
+def test_two_srun_tasks_without_torchrun_form_one_process_group(tmp_path):
+    """What `srun --ntasks 2 python -m instdisc ...` gives each process: SLURM's variables only."""
+    code = ("import torch; from instdisc import dist; env = dist.init_from_env('cpu'); "
+            "t = torch.tensor([float(env.rank + 1)]); dist.all_reduce_(t); "
+            "print(env.rank, env.world_size, env.local_rank, int(t.item())); dist.cleanup()")
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    base.update(OMP_NUM_THREADS="1", SLURM_STEP_ID="0", SLURM_JOB_ID="7", SLURM_NTASKS="2",
+                SLURM_STEP_NODELIST="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o.strip().splitlines()[-1] for o in outs] == ["0 2 0 3", "1 2 1 3"]
+
+
 def test_torchrun_two_processes_train_npid(tmp_path):
     """The same `instdisc train` command under torchrun: trains, checkpoints, banks agree (the engine
     checks every rank's buffers at each checkpoint and fails loudly otherwise)."""

@@ -191,8 +191,8 @@ def _train_parser(method: str) -> argparse.ArgumentParser:
         description=(
             f"Train a self-supervised model. Flags shown are those of --method {method}; "
             f"methods: {', '.join(METHODS)}. Precedence: defaults < --config file < flags. "
-            f"--data: {SOURCES_HELP}. SIGTERM or Ctrl-C finishes the step under way, writes a checkpoint and "
-            "exits with 128 + the signal (143, 130); --resume continues exactly."
+            f"--data: {SOURCES_HELP}. SIGTERM, Ctrl-C or SIGUSR1 (SLURM's --signal=USR1@90) finishes the step "
+            "under way, writes a checkpoint and exits with 128 + the signal (143, 130, 138); --resume continues exactly."
         ),
     )
     p.add_argument("--config", help="flat YAML preset whose keys are these flag names (e.g. configs/npid_cifar10.yaml)")
@@ -300,7 +300,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         dist.cleanup(wait_for_peers=ok)
     if env.is_main:
         print(f"outputs: {cfg.run.out} (config.json, metrics.jsonl, checkpoints/)")
-    # Stopped by SIGTERM/SIGINT (checkpoint written): not a finished run, so not status 0.
+    # Stopped by SIGTERM/SIGINT/SIGUSR1 (checkpoint written): not a finished run, so not status 0.
     return 128 + metrics["signal"] if metrics.get("signal") else 0
 
 

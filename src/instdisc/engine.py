@@ -704,7 +704,7 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
 
     metrics: dict[str, Any] = {}
     stop = False
-    with clock:  # SIGTERM/SIGINT from here on: finish the step, checkpoint, exit 128 + signal
+    with clock:  # SIGTERM/SIGINT/SIGUSR1 (runtime.STOP_SIGNALS) from here on: finish the step, checkpoint, exit 128 + signal
         while state.epoch < o.epochs and not stop:
             epoch_logs: dict[str, Any] = {}
             if state.epoch_step == 0:
