@@ -260,7 +260,8 @@ def cmd_train(argv: Sequence[str]) -> int:
         absolute_paths(stored)
         invocation = {"run.device", "run.progress", "run.max_steps", "data.workers", "data.cache_dir", "run.out",
                       "run.dist_timeout", "data.data"}
-        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.ckpt_every_steps", "run.ckpt_every_epochs",
+        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.knn_subset", "run.ckpt_every_steps",
+                      "run.ckpt_every_epochs",
                       "run.skip_nonfinite", "run.time_limit", "optim.optimizer_impl", "data.in_memory",
                       "data.drop_unknown_classes"}
         current, saved = cfg.to_dict(), stored.to_dict()

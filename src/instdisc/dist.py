@@ -176,6 +176,13 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def shard_range(n: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of n items: ceil(n / world) each, the last ranks' shorter or
+    empty. The shares in rank order are range(n) (what embedding and kNN scoring split by)."""
+    shard = -(-n // world)
+    return range(min(rank * shard, n), min((rank + 1) * shard, n))
+
+
 class _AllGatherGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

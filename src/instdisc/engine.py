@@ -29,7 +29,14 @@ from torch import Tensor, nn
 
 from instdisc import __version__, dist
 from instdisc.augment import AugmentConfig, augment
-from instdisc.checkpoint import LAST, PREV, atomic_write_text, checkpoint_dir, save_checkpoint, write_failure
+from instdisc.checkpoint import (
+    LAST,
+    PREV,
+    atomic_write_text,
+    checkpoint_dir,
+    save_checkpoint,
+    write_failure,
+)
 from instdisc.config import OptimConfig, TrainConfig
 from instdisc.dist import Env
 from instdisc.errors import CheckpointError, DataError, InstdiscWarning, NonFiniteError, UserError
@@ -389,12 +396,24 @@ def open_sets(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
     return train, test
 
 
+def monitor_subset(n: int, size: int, seed: int) -> np.ndarray:
+    """The training images the kNN monitor embeds (`--knn-subset`): `size` of the n, ascending, the
+    same at every epoch, on every rank and after a resume (drawn from their own generator, so the
+    run's global generators are untouched)."""
+    if not 0 < size < n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 0x6B4E4E]).choice(n, size, replace=False))
+
+
 def evaluate_knn(
     method: Method, train: ImageSet, test: ImageSet, cfg: TrainConfig, env: Env, *, use_bank: bool
 ) -> dict[str, float]:
     """Weighted kNN (k = --knn-k, t = --knn-t) of test embeddings against the bank (cheap monitor)
-    or the re-embedded train set, through `instdisc.evaluate.knn_evaluate` like every evaluation."""
+    or the re-embedded train set, through `instdisc.evaluate.knn_evaluate` like every evaluation.
+    Under torchrun each rank scores its share of the test set (the counts are summed: the number is
+    the one process's). The monitor of a method without a bank embeds `--knn-subset` train images."""
     from instdisc.evaluate import knn_evaluate, knn_row, subject_of
+    from instdisc.sources.images import subset
 
     if train.labels is None or test.labels is None:
         return {}
@@ -404,9 +423,12 @@ def evaluate_knn(
         method.eval()
         bank = method.bank_features()
         method.train(was_training)
+        if bank is None and 0 < cfg.run.knn_subset < len(train):
+            keep = monitor_subset(len(train), cfg.run.knn_subset, cfg.run.seed)
+            train = subset(train, keep, train.labels[keep], train.classes)
     k, t = cfg.run.knn_k, cfg.run.knn_t
     rows = knn_evaluate(subject_of(method, cfg, env.device), train, test, ks=(k,), ts=(t,), bank=bank,
-                        keep_device=True, backend="torch")
+                        keep_device=True, backend="torch", shard=(env.rank, env.world_size))
     row = knn_row(rows, k, t)
     return {"knn_top1": row["top1"], "knn_top5": row["top5"]}
 
@@ -750,7 +772,8 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
             log.write(**metrics)
             # The monitor's train side is the method's own memory bank where it keeps one (features
             # from past epochs' augmented views), else the training set re-embedded now.
-            reads = "memory bank" if method.bank_features() is not None else "train set re-embedded"
+            reads = ("memory bank" if method.bank_features() is not None else
+                     f"{min(r.knn_subset, n)} train images re-embedded" if r.knn_subset else "train set re-embedded")
             knn = f" kNN top-1 {stats['knn_top1']:.2f}% ({reads})" if "knn_top1" in stats else ""
             where = f"epoch {state.epoch}/{o.epochs}" if whole else \
                 f"epoch {state.epoch + 1}/{o.epochs} (stopped after step {state.epoch_step}/{spe})"
