@@ -79,6 +79,59 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, cache):
     assert torch.equal(a["model"]["memory.bank"], b["model"]["memory.bank"])
 
 
+def test_resume_auto_starts_an_absent_run_then_continues_it_bit_identically(tmp_path, cache, capsys):
+    # One command line for every launch: the first starts the run (--out absent), the relaunch after
+    # a stop continues it, and the end state is that of a run left alone.
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train(full, "--epochs", "2") == 0
+    relaunch = ["--epochs", "2", "--resume", "auto"]
+    assert train(part, *relaunch, "--max-steps", "9") == 0
+    assert torch.load(part / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == 9
+    capsys.readouterr()
+    assert train(part, *relaunch) == 0
+    assert "resuming at epoch 1 step 9" in capsys.readouterr().out
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert a["state"] == b["state"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # Finished: a further relaunch continues (nothing left to do) and still does not start over.
+    assert train(part, *relaunch) == 0
+    assert torch.load(part / "checkpoints" / "last.pt", weights_only=True)["state"] == b["state"]
+
+
+def test_resume_auto_starts_in_an_empty_or_unsaved_folder_and_refuses_anything_else(tmp_path, cache, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train(empty, "--epochs", "1", "--max-steps", "2", "--resume", "auto") == 0
+    assert (empty / "checkpoints" / "last.pt").is_file()
+    # A launch stopped before its first checkpoint left a config, a lock and step lines: started over.
+    unsaved = tmp_path / "unsaved"
+    unsaved.mkdir()
+    (unsaved / "config.json").write_text("{}")
+    (unsaved / ".lock").write_text("pid 1")
+    (unsaved / "metrics.jsonl").write_text('{"type": "step", "step": 1, "loss": 9.0}\n')
+    assert train(unsaved, "--epochs", "1", "--max-steps", "2", "--log-every", "1", "--resume", "auto") == 0
+    steps = [json.loads(ln)["step"] for ln in (unsaved / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["type"] == "step"]
+    assert steps == [1, 2] and json.loads((unsaved / "config.json").read_text())["run"]["method"] == "npid"
+    # Not a run: refused, and nothing in it is touched.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert train(other, "--epochs", "1", "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "--resume auto" in err and "notes.txt" in err and "Traceback" not in err
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    with pytest.raises(SystemExit) as e:  # argparse's refusal: status 2, one line naming the flag
+        train(other, "--epochs", "1", "--resume", "sometimes")
+    assert e.value.code == 2 and "the only value --resume takes is auto" in capsys.readouterr().err
+    assert train(empty, "--epochs", "1", "--resume", "auto", "--overwrite") == 2
+    # Plain --resume keeps its meaning: an empty folder has nothing to continue.
+    (tmp_path / "empty2").mkdir()
+    assert train(tmp_path / "empty2", "--epochs", "1", "--resume") == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
 def test_ckpt_every_epochs_saves_every_nth_epoch_the_last_and_at_a_stop(tmp_path, cache, monkeypatch):
     import instdisc.engine as engine
 

@@ -239,6 +239,33 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_is_bit_identical(tmp_p
     assert_same_run(ref, run)
 
 
+def test_sigusr1_checkpoints_exits_138_and_the_same_command_continues_bit_identically(tmp_path, ref_root, one_thread):
+    # SLURM's `--signal=USR1@90` (the job's time is nearly up) reaches every process of the step,
+    # DataLoader workers included. The launch and the requeued one are the same command line
+    # (--resume auto); the status is the one docs/slurm.md's requeue script tests.
+    ref = reference("npid", ref_root)
+    run = tmp_path / "run"
+    args = train_args(run, "npid", "--ckpt-every-steps", "0", "--no-in-memory", "--workers", "1", "--resume", "auto")
+    with open(tmp_path / "stdout.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "instdisc", *args], env=SUB_ENV, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: logged_steps(run) >= 2, proc, "step 2")
+        os.killpg(proc.pid, signal.SIGUSR1)
+        proc.wait(timeout=60)
+    printed = (tmp_path / "stdout.txt").read_text()
+    assert proc.returncode == 128 + signal.SIGUSR1 == 138, printed
+    step = load_checkpoint(run)["state"]["step"]
+    assert 2 <= step < STEPS and step == logged_steps(run) and "SIGUSR1 received" in printed
+    assert main(args) == 0
+    a, b = final_checkpoint(ref), final_checkpoint(run)
+    for ck in (a, b):  # how the images were read and how often saved: not the maths
+        ck["config"]["run"].pop("ckpt_every_steps")
+        ck["config"]["data"].pop("workers"), ck["config"]["data"].pop("in_memory")
+    assert a["state"]["step"] == STEPS
+    assert_identical(a, b)
+    assert step_records(ref) == step_records(run)
+
+
 def large_image_folder(root: Path) -> Path:
     """An ImageFolder of 24 large JPEGs (3:4, 4:3 and 1:3; above the in-memory limit, so streamed
     and cropped at decode time), and 8 for the test split."""

@@ -1,6 +1,6 @@
 """Command line: wiring only, no maths.
 
-  instdisc train --method npid --data SOURCE --out RUN_DIR [--config FILE] [--epochs N] [--resume]
+  instdisc train --method npid --data SOURCE --out RUN_DIR [--config FILE] [--epochs N] [--resume [auto]]
   instdisc embed RUN_DIR_OR_CHECKPOINT --data SOURCE --split train|test --out FILE.npy
   instdisc knn|linear|lowshot RUN_DIR_OR_CHECKPOINT | --train FILE.npy --test FILE.npy
   instdisc stages|neighbours|map RUN_DIR_OR_CHECKPOINT    (also released weights: instdisc weights FILE)
@@ -145,24 +145,39 @@ def layout_name(text: str) -> str:
     return text
 
 
+def resume_mode(text: str) -> str:
+    """argparse type of --resume's optional value: only "auto" (plain --resume needs none)."""
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"the only value --resume takes is auto; got {text!r}")
+    return text
+
+
 def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
     """The method decides which flags exist, and may come from the config file or, on --resume,
     from the run itself: find it first. -> (method, config path, the TrainConfig of the run to
-    resume or None)."""
+    resume or None). With ``--resume auto`` that run is None when this launch starts the run
+    (`engine.resume_auto` decides)."""
     from instdisc.config import RunConfig, load_preset
     from instdisc.methods import read_run
 
     pre = Parser(add_help=False)
     pre.add_argument("--method", dest="run.method", default=None)
     pre.add_argument("--config", default=None)
-    pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--resume", nargs="?", const=True, default=False, type=resume_mode)
     pre.add_argument("--out", dest="run.out", default=None)
     ns, _ = pre.parse_known_args(argv)
     preset = load_preset(ns.config) if ns.config else {}
     method = getattr(ns, "run.method") or preset.get("method")
     stored = None
-    if ns.resume:
-        stored = read_run(getattr(ns, "run.out") or preset.get("out") or RunConfig().out)[0]
+    out = getattr(ns, "run.out") or preset.get("out") or RunConfig().out
+    if ns.resume == "auto":
+        from instdisc.engine import resume_auto
+
+        resuming = resume_auto(Path(out).expanduser().resolve())
+    else:
+        resuming = bool(ns.resume)
+    if resuming:
+        stored = read_run(out)[0]
         method = method or stored.run.method  # the run's own method: --resume needs no --method
     return method or "npid", ns.config, stored
 
@@ -176,12 +191,15 @@ def _train_parser(method: str) -> argparse.ArgumentParser:
         description=(
             f"Train a self-supervised model. Flags shown are those of --method {method}; "
             f"methods: {', '.join(METHODS)}. Precedence: defaults < --config file < flags. "
-            f"--data: {SOURCES_HELP}. SIGTERM or Ctrl-C finishes the step under way, writes a checkpoint and "
-            "exits with 128 + the signal (143, 130); --resume continues exactly."
+            f"--data: {SOURCES_HELP}. SIGTERM, Ctrl-C or SIGUSR1 (SLURM's --signal=USR1@90) finishes the step "
+            "under way, writes a checkpoint and exits with 128 + the signal (143, 130, 138); --resume continues exactly."
         ),
     )
     p.add_argument("--config", help="flat YAML preset whose keys are these flag names (e.g. configs/npid_cifar10.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=resume_mode, metavar="auto",
+                   help="continue the run in --out from its last checkpoint; --resume auto: continue it if --out "
+                        "holds one, else start it (one command line for the first launch, a torchrun restart and a "
+                        "scheduler requeue)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out instead of refusing")
     add_train_arguments(p, method, method_config(method))
     return p
@@ -228,7 +246,12 @@ def cmd_train(argv: Sequence[str]) -> int:
     preset = load_preset(config_path) if config_path else {}
     cfg = resolve_config(preset, flags, method)
     absolute_paths(cfg)  # stored resolved: the run is found again from any working directory
-    if args.resume:
+    auto = args.resume == "auto"
+    if auto and args.overwrite:
+        raise UserError("--resume auto and --overwrite contradict each other: --resume auto never replaces a run.")
+    # --resume auto starting the run: what a launch stopped before its first checkpoint left is replaced.
+    resume, overwrite = (stored_run is not None, stored_run is None) if auto else (args.resume, args.overwrite)
+    if resume:
         # The run's own config wins. Flags of this invocation only (device, progress, an early
         # stop) come from the command line; a few more may be changed on purpose (e.g. --epochs to
         # extend a run; --data for the same images at another path: fit compares their
@@ -237,7 +260,8 @@ def cmd_train(argv: Sequence[str]) -> int:
         absolute_paths(stored)
         invocation = {"run.device", "run.progress", "run.max_steps", "data.workers", "data.cache_dir", "run.out",
                       "run.dist_timeout", "data.data"}
-        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.ckpt_every_steps", "run.ckpt_every_epochs",
+        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.knn_subset", "run.ckpt_every_steps",
+                      "run.ckpt_every_epochs",
                       "run.skip_nonfinite", "run.time_limit", "optim.optimizer_impl", "data.in_memory",
                       "data.drop_unknown_classes"}
         current, saved = cfg.to_dict(), stored.to_dict()
@@ -263,7 +287,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     env = dist.init_from_env(cfg.run.device, timeout_s=timeout)
     ok = False
     try:
-        metrics = fit(cfg, env, resume=args.resume, overwrite=args.overwrite)
+        metrics = fit(cfg, env, resume=resume, overwrite=overwrite)
         ok = True
     except RuntimeError as e:
         if not (env.distributed and _is_peer_failure(e)):
@@ -277,7 +301,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         dist.cleanup(wait_for_peers=ok)
     if env.is_main:
         print(f"outputs: {cfg.run.out} (config.json, metrics.jsonl, checkpoints/)")
-    # Stopped by SIGTERM/SIGINT (checkpoint written): not a finished run, so not status 0.
+    # Stopped by SIGTERM/SIGINT/SIGUSR1 (checkpoint written): not a finished run, so not status 0.
     return 128 + metrics["signal"] if metrics.get("signal") else 0
 
 

@@ -119,6 +119,9 @@ class RunConfig:
     channels_last: bool = field(default=True, metadata={"help": "NHWC memory format (faster convs on CPU and GPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU)"})
     knn_every: int = field(default=1, metadata={"help": "run the kNN monitor every N epochs (0 = only at the end)"})
+    knn_subset: int = field(default=0, metadata={"help": (
+        "for methods without a memory bank: the kNN monitor's train side is a fixed random subset of this "
+        "many training images instead of the whole set re-embedded (0 = all; the final kNN uses all)")})
     knn_k: int = field(default=200, metadata={"help": "neighbours of the kNN monitor (NPID: 200)"})
     knn_t: float = field(default=0.07, metadata={"help": "temperature of the kNN weights exp(s/t)"})
     log_every: int = field(default=20, metadata={"help": "steps between metric lines"})
@@ -418,6 +421,7 @@ def validate(cfg: TrainConfig) -> None:
         (all(m >= 1 for m in o.milestones), f"--milestones are epoch numbers >= 1; got {o.milestones}"),
         (cfg.data.window >= 0 and cfg.data.stride >= 0, "--window and --stride must be >= 0 (0 = automatic)"),
         (r.knn_k >= 1, f"--knn-k must be >= 1; got {r.knn_k}"),
+        (r.knn_subset >= 0, f"--knn-subset must be >= 0 (0 = the whole training set); got {r.knn_subset}"),
         (r.knn_t > 0, f"--knn-t must be > 0; got {r.knn_t}"),
         (r.log_every >= 1, f"--log-every must be >= 1; got {r.log_every}"),
         (r.ckpt_every_steps >= 0, f"--ckpt-every-steps must be >= 0; got {r.ckpt_every_steps}"),

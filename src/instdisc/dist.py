@@ -1,9 +1,10 @@
 """Distributed helpers that also work in a single process.
 
 The same command runs on a laptop CPU, one GPU, or many processes under `torchrun`: we read
-`RANK`/`WORLD_SIZE`/`LOCAL_RANK` from the environment and fall back to one process when they are
-absent. Every helper here is a no-op (or the identity) when not distributed, so method code can
-call `all_gather_cat` unconditionally right where it mutates shared state.
+`RANK`/`WORLD_SIZE`/`LOCAL_RANK` from the environment (or, under `srun` without torchrun, SLURM's
+`SLURM_PROCID`/`SLURM_NTASKS`/`SLURM_LOCALID`) and fall back to one process when they are absent.
+Every helper here is a no-op (or the identity) when not distributed, so method code can call
+`all_gather_cat` unconditionally right where it mutates shared state.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -64,14 +67,69 @@ def resolve_device(device: str | torch.device = "auto", *, local_rank: int = 0) 
     return dev
 
 
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: "gpu[07-09,12],cpu3" -> "gpu07" (zero padding kept)."""
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):  # the first item ends at a comma outside brackets
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end].strip())
+
+
+def slurm_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) of a process
+    that `srun` started without torchrun, from SLURM's; {} when this is not such a process.
+
+    Only a job step counts (SLURM_STEP_ID is set): an sbatch script's own shell also carries
+    SLURM_PROCID=0 and the allocation's SLURM_NTASKS, and a command run there is one process.
+    Ranks: SLURM_PROCID of SLURM_STEP_NUM_TASKS (else SLURM_NTASKS), local rank SLURM_LOCALID.
+    MASTER_ADDR and MASTER_PORT keep the values the environment gives them; else the first host of
+    the step's node list (rank 0 runs there: srun places tasks in node-list order) and the port
+    20000 + SLURM_JOB_ID mod 20000, so that two jobs sharing a node do not collide.
+    """
+    from instdisc.errors import UserError
+
+    if "SLURM_STEP_ID" not in environ and "SLURM_STEPID" not in environ:
+        return {}
+
+    def number(*names: str) -> int:
+        for name in names:
+            if name in environ:
+                try:
+                    return int(environ[name])
+                except ValueError:
+                    raise UserError(f"${name} must be an integer; got {environ[name]!r}.") from None
+        raise UserError(f"started by srun, but ${names[0]} is not set: cannot tell this process's rank.")
+
+    world = number("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+    if world <= 1:
+        return {}
+    out = {"RANK": str(number("SLURM_PROCID")), "WORLD_SIZE": str(world), "LOCAL_RANK": str(number("SLURM_LOCALID"))}
+    addr = environ.get("MASTER_ADDR")
+    if not addr:
+        nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+        if not nodes:
+            raise UserError("started by srun with several tasks, but neither $MASTER_ADDR nor a SLURM node list "
+                            "is set: export MASTER_ADDR (rank 0's host) in the job script.")
+        addr = _first_host(nodes)
+    out["MASTER_ADDR"] = addr
+    out["MASTER_PORT"] = environ.get("MASTER_PORT") or str(20000 + number("SLURM_JOB_ID", "SLURM_JOBID") % 20000)
+    return out
+
+
 def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> Env:
-    """Initialise torch.distributed if launched by torchrun, and pick the device.
+    """Initialise torch.distributed if launched by torchrun (or by srun alone: `slurm_env`), and
+    pick the device.
 
     Args:
         device: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
         timeout_s: collective timeout. A rank that dies makes the others fail after this long
             instead of hanging forever.
     """
+    if "RANK" not in os.environ:  # torchrun's variables win; else srun's, translated
+        os.environ.update(slurm_env(os.environ))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -116,6 +174,13 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of n items: ceil(n / world) each, the last ranks' shorter or
+    empty. The shares in rank order are range(n) (what embedding and kNN scoring split by)."""
+    shard = -(-n // world)
+    return range(min(rank * shard, n), min((rank + 1) * shard, n))
 
 
 class _AllGatherGrad(torch.autograd.Function):

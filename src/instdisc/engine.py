@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from instdisc import __version__, dist
 from instdisc.augment import AugmentConfig, augment
 from instdisc.checkpoint import (
+    LAST,
+    PREV,
     atomic_write_text,
     checkpoint_dir,
     run_files_saver,
@@ -393,12 +395,24 @@ def open_sets(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
     return train, test
 
 
+def monitor_subset(n: int, size: int, seed: int) -> np.ndarray:
+    """The training images the kNN monitor embeds (`--knn-subset`): `size` of the n, ascending, the
+    same at every epoch, on every rank and after a resume (drawn from their own generator, so the
+    run's global generators are untouched)."""
+    if not 0 < size < n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 0x6B4E4E]).choice(n, size, replace=False))
+
+
 def evaluate_knn(
     method: Method, train: ImageSet, test: ImageSet, cfg: TrainConfig, env: Env, *, use_bank: bool
 ) -> dict[str, float]:
     """Weighted kNN (k = --knn-k, t = --knn-t) of test embeddings against the bank (cheap monitor)
-    or the re-embedded train set, through `instdisc.evaluate.knn_evaluate` like every evaluation."""
+    or the re-embedded train set, through `instdisc.evaluate.knn_evaluate` like every evaluation.
+    Under torchrun each rank scores its share of the test set (the counts are summed: the number is
+    the one process's). The monitor of a method without a bank embeds `--knn-subset` train images."""
     from instdisc.evaluate import knn_evaluate, knn_row, subject_of
+    from instdisc.sources.images import subset
 
     if train.labels is None or test.labels is None:
         return {}
@@ -408,9 +422,12 @@ def evaluate_knn(
         method.eval()
         bank = method.bank_features()
         method.train(was_training)
+        if bank is None and 0 < cfg.run.knn_subset < len(train):
+            keep = monitor_subset(len(train), cfg.run.knn_subset, cfg.run.seed)
+            train = subset(train, keep, train.labels[keep], train.classes)
     k, t = cfg.run.knn_k, cfg.run.knn_t
     rows = knn_evaluate(subject_of(method, cfg, env.device), train, test, ks=(k,), ts=(t,), bank=bank,
-                        keep_device=True, backend="torch")
+                        keep_device=True, backend="torch", shard=(env.rank, env.world_size))
     row = knn_row(rows, k, t)
     return {"knn_top1": row["top1"], "knn_top5": row["top5"]}
 
@@ -456,6 +473,38 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+
+# What a launch stopped before its first checkpoint (pre-empted while the data were opened, killed
+# in epoch 1) can leave in its run folder; nothing in them is worth keeping.
+_BEFORE_FIRST_CHECKPOINT = frozenset({"config.json", "metrics.jsonl", "checkpoints", "debug", LOCK_NAME})
+
+
+def resume_auto(out: Path) -> bool:
+    """``--resume auto``: whether this launch continues the run in `out` (True) or starts it (False).
+
+    Continue when the folder holds a checkpoint (last.pt or prev.pt); start when it is absent, empty,
+    or holds only what a launch stopped before its first checkpoint leaves (then started over, as
+    with --overwrite). Anything else is not a run: refused, so that a mistyped --out never trains
+    into someone's folder. The answer depends on the files alone, so every rank of a torchrun or
+    srun launch reads the same one from a shared run folder.
+    """
+    ckd = checkpoint_dir(out)
+    if any((ckd / name).is_file() for name in (LAST, PREV)):
+        return True
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, not a run directory.")
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in _BEFORE_FIRST_CHECKPOINT and not p.name.startswith(".write-test-"))
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise UserError(
+            f"--resume auto: {str(out)!r} is neither empty nor an instdisc run (it holds {shown}). Give an empty "
+            "or new folder as --out, or the folder of the run to continue."
+        )
+    return False
 
 
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
@@ -676,7 +725,7 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
 
     metrics: dict[str, Any] = {}
     stop = False
-    with clock:  # SIGTERM/SIGINT from here on: finish the step, checkpoint, exit 128 + signal
+    with clock:  # SIGTERM/SIGINT/SIGUSR1 (runtime.STOP_SIGNALS) from here on: finish the step, checkpoint, exit 128 + signal
         while state.epoch < o.epochs and not stop:
             epoch_logs: dict[str, Any] = {}
             if state.epoch_step == 0:
@@ -723,7 +772,8 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
             log.write(**metrics)
             # The monitor's train side is the method's own memory bank where it keeps one (features
             # from past epochs' augmented views), else the training set re-embedded now.
-            reads = "memory bank" if method.bank_features() is not None else "train set re-embedded"
+            reads = ("memory bank" if method.bank_features() is not None else
+                     f"{min(r.knn_subset, n)} train images re-embedded" if r.knn_subset else "train set re-embedded")
             knn = f" kNN top-1 {stats['knn_top1']:.2f}% ({reads})" if "knn_top1" in stats else ""
             where = f"epoch {state.epoch}/{o.epochs}" if whole else \
                 f"epoch {state.epoch + 1}/{o.epochs} (stopped after step {state.epoch_step}/{spe})"

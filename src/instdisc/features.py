@@ -51,7 +51,8 @@ def extract_features(
     """
     n, world, rank = len(images), dist.world_size(), dist.rank()
     shard = -(-n // world)  # ceil
-    lo, hi = min(rank * shard, n), min((rank + 1) * shard, n)
+    mine = dist.shard_range(n, rank, world)
+    lo, hi = mine.start, mine.stop
     outs = []
     bar = Progress(hi - lo, desc=desc, enabled=progress and dist.is_main())
     for x in eval_batches(images, batch_size, start=lo, stop=hi, device=device, workers=workers, size=size):

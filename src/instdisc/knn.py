@@ -9,6 +9,7 @@ over several k and tau costs one similarity pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -117,14 +118,25 @@ def scores_from_neighbours(
     return {(k, t): _votes(top_sims, top_labels, k, t, num_classes) for k in ks for t in ts}
 
 
-def topk_accuracy(scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """{"top1": %, "top5": %} of (Q, C) scores against (Q,) labels; top-k above C counts as C."""
+def topk_correct(scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, int]:
+    """{"top1": n, "top5": n}: how many of the (Q, C) scores' rows rank their (Q,) label within the
+    first k (k above C counts as C). Counts add across query slices (the monitor's ranks)."""
     labels = labels.to(scores.device)
     res = {}
     for k in topk:
         pred = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (Q, k)
-        res[f"top{k}"] = 100.0 * (pred == labels[:, None]).any(1).float().mean().item()
+        res[f"top{k}"] = int((pred == labels[:, None]).any(1).sum().item())
     return res
+
+
+def percent(correct: dict[str, int], total: int) -> dict[str, float]:
+    """Counts of `topk_correct` over `total` queries -> percentages (NaN for no query)."""
+    return {key: 100.0 * n / total if total else math.nan for key, n in correct.items()}
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """{"top1": %, "top5": %} of (Q, C) scores against (Q,) labels; top-k above C counts as C."""
+    return percent(topk_correct(scores, labels, topk), int(labels.shape[0]))
 
 
 def knn_accuracy(

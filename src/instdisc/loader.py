@@ -307,11 +307,13 @@ class TrainLoader:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    # SIGTERM/SIGINT reach the whole process group; the main process decides what to do (training
-    # stops after its step, runtime.StopRequest) and shuts the workers down itself, so a worker
-    # must not die first.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM/SIGINT/SIGUSR1 reach the whole process group (SLURM signals every process of a job
+    # step); the main process decides what to do (training stops after its step,
+    # runtime.StopRequest) and shuts the workers down itself, so a worker must not die first.
+    from instdisc.runtime import STOP_SIGNALS
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def eval_batches(

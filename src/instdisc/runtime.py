@@ -6,8 +6,8 @@ parameter at a time, "foreach" batches the update over all parameters with multi
 GPU a ResNet-18 step is short enough for launch overhead to matter; on CPU the difference is small.
 The wall-clock limit (--time-limit) lets a long run be a chain of commands that each fit a fixed
 time slot (e.g. a 10-minute job): at the limit the run checkpoints and exits with status 0, and
-`--resume` continues it exactly where it stopped (docs/gpu.md). SIGTERM and SIGINT stop the same way
-(after the current step, with a checkpoint), so a pre-empted job loses nothing.
+`--resume` continues it exactly where it stopped (docs/gpu.md). SIGTERM, SIGINT and SIGUSR1 stop the
+same way (after the current step, with a checkpoint), so a pre-empted job loses nothing.
 """
 
 from __future__ import annotations
@@ -108,6 +108,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         group.update(kept)
 
 
+# The signals that stop a run at the next step boundary with a checkpoint: a scheduler's
+# pre-emption (SIGTERM), Ctrl-C (SIGINT) and SLURM's warning ahead of the end of a job's time
+# (SIGUSR1, from `sbatch --signal=USR1@90`). The exit status is 128 + the signal's number, what a
+# shell reports for a process the signal killed: 143, 130 and 138 (SIGUSR1 on Linux), so a requeue
+# script tests one number whether the signal came before or after training began (docs/slurm.md).
+STOP_SIGNALS: tuple[int, ...] = tuple(
+    s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None
+)
+
+
 def _now() -> float:
     return time.monotonic()
 
@@ -118,9 +128,10 @@ class StopRequest:
     Two reasons, both ending with a checkpoint from which `--resume` continues exactly:
     * --time-limit: the run used its wall-clock budget (exit status 0). The clock starts when the
       object is made (in `fit`, before the data are opened, so loading and evaluation count).
-    * SIGTERM or SIGINT (a scheduler's pre-emption, which sends SIGTERM and SIGKILL a grace period
-      later; Ctrl-C): the current step finishes, the checkpoint is written, and the command exits with
-      128 + the signal's number, so that scripts do not mistake the run for a finished one. Only the
+    * SIGTERM, SIGINT or SIGUSR1 (a scheduler's pre-emption, which sends SIGTERM and SIGKILL a grace
+      period later; Ctrl-C; SLURM's `--signal=USR1@SECONDS` warning): the current step finishes, the
+      checkpoint is written, and the command exits with 128 + the signal's number (`STOP_SIGNALS`),
+      so that scripts do not mistake the run for a finished one. Only the
       first signal is held back: the handler restores the previous one, so a second signal acts at
       once (the last regular checkpoint is then the one resumed from).
 
@@ -133,7 +144,7 @@ class StopRequest:
             (only where a process can: its main thread).
     """
 
-    def __init__(self, minutes: float, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    def __init__(self, minutes: float, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
         self.seconds = 60.0 * minutes
         self.start = _now()
         self.reason: str | None = None  # "time_limit" or a signal's name, once decided

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from instdisc.errors import ConfigError, UserError
-from instdisc.knn import knn_sweep, scores_from_neighbours, topk_accuracy
+from instdisc.knn import knn_sweep, percent, scores_from_neighbours, topk_correct
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 # Banks with at least this many rows use faiss under backend="auto" (when it is installed). Below
@@ -124,9 +124,30 @@ def knn_table(
     backend: str = "auto",
 ) -> list[dict[str, Any]]:
     """Rows {"k", "t", "top1", "top5"} (percent) of the kNN sweep, sorted by t then k."""
+    counts = knn_counts(train_x, train_y, test_x, test_y, ks=ks, ts=ts, num_classes=num_classes, backend=backend)
+    return _rows(counts, int(test_y.shape[0]))
+
+
+def knn_counts(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    ts: Sequence[float] = (0.07,),
+    num_classes: int | None = None,
+    backend: str = "auto",
+) -> dict[tuple[int, float], dict[str, int]]:
+    """{(k, t): {"top1": n, "top5": n}}: how many test rows the kNN sweep gets right. Counts of
+    query slices add up to those of the whole test set (`knn_evaluate` across ranks)."""
     c = num_classes or int(max(train_y.max(), test_y.max())) + 1
     scores = knn_scores(test_x, train_x, train_y, ks=ks, ts=ts, num_classes=c, backend=backend)
-    rows = [{"k": k, "t": t, **topk_accuracy(s, test_y)} for (k, t), s in scores.items()]
+    return {key: topk_correct(s, test_y) for key, s in scores.items()}
+
+
+def _rows(counts: dict[tuple[int, float], dict[str, int]], total: int) -> list[dict[str, Any]]:
+    rows = [{"k": k, "t": t, **percent(n, total)} for (k, t), n in counts.items()]
     return sorted(rows, key=lambda r: (r["t"], r["k"]))
 
 
@@ -143,16 +164,38 @@ def knn_evaluate(
     backend: str = "auto",
     progress: bool = False,
     keep_device: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[dict[str, Any]]:
     """Weighted kNN of a `Subject` on a train / test pair of `ImageSet`s: `embed_pair` then
     `knn_table` (rows {"k", "t", "top1", "top5"}). ``bank``: train features to use instead of
-    embedding the train split (the training loop's monitor passes its memory bank)."""
+    embedding the train split (the training loop's monitor passes its memory bank).
+
+    ``shard=(rank, world)``, under torch.distributed (every rank calls with the same arguments):
+    the splits are embedded once across ranks (`extract` shards and gathers), then each rank scores
+    only its contiguous share of the test queries against the whole train side; the counts of right
+    answers are summed over ranks, so every rank returns the rows one process would, for 1/world of
+    the scoring.
+    """
     from instdisc.evaluate.extraction import embed_pair
 
+    rank, world = shard
     ev = embed_pair(subject, train, test, "embedding", bank=bank, batch_size=batch_size, cache=cache,
-                    progress=progress, keep_device=keep_device)
-    return knn_table(ev.train_x, ev.train_y, ev.test_x, ev.test_y, ks=ks, ts=ts,
-                     num_classes=ev.num_classes, backend=backend)
+                    progress=progress, keep_device=keep_device or world > 1)
+    if world == 1:
+        return knn_table(ev.train_x, ev.train_y, ev.test_x, ev.test_y, ks=ks, ts=ts,
+                         num_classes=ev.num_classes, backend=backend)
+    from instdisc import dist
+
+    mine = dist.shard_range(len(ev.test_y), rank, world)
+    counts = knn_counts(ev.train_x, ev.train_y, ev.test_x[mine.start:mine.stop], ev.test_y[mine.start:mine.stop],
+                        ks=ks, ts=ts, num_classes=ev.num_classes, backend=backend) if len(mine) else {}
+    keys = [(k, t) for k in sorted({min(int(k), ev.train_x.shape[0]) for k in ks}) for t in ts]
+    # (len(keys) * 2,) right answers among this rank's queries, summed over ranks (exact integers).
+    flat = torch.tensor([counts[key][name] if key in counts else 0 for key in keys for name in ("top1", "top5")],
+                        dtype=torch.int64, device=ev.train_x.device)
+    dist.all_reduce_(flat)
+    it = iter(flat.tolist())
+    return _rows({key: {name: int(next(it)) for name in ("top1", "top5")} for key in keys}, len(ev.test_y))
 
 
 def knn_row(rows: list[dict[str, Any]], k: int, t: float) -> dict[str, Any]:
