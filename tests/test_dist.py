@@ -122,8 +122,12 @@ def test_the_knn_monitor_shared_across_ranks_gives_the_one_process_number(tmp_pa
     import json
 
     monkeypatch.setenv("INSTDISC_CACHE", str(tmp_path / "cache"))
-    torch.set_num_threads(1)
-    one = _monitor_numbers(0, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (init_gloo); put back for the tests that follow
+    try:
+        one = _monitor_numbers(0, 1)
+    finally:
+        torch.set_num_threads(threads)
     mp.spawn(_monitor_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"monitor{r}.json").read_text()) for r in (0, 1)]
     assert got[0]["numbers"] == one and got[1]["numbers"] == one
