@@ -988,3 +988,25 @@ def test_worker_tracebacks_are_stripped_from_user_errors():
         wrapped = "Caught DataError in DataLoader worker process 0.\nOriginal " + "".join(traceback.format_exception(e))
     assert str(DataError(wrapped)) == "image 3 of ds (ds/b/2.png) cannot be decoded: truncated."
     assert str(DataError("Caught you")) == "Caught you"
+
+
+def test_workers_stop_when_a_bad_image_ends_the_iteration(tmp_path):
+    """A decode error raised through the DataLoader workers must stop them at once, even while the
+    exception is still alive: they ignore SIGTERM, so multiprocessing's exit-time terminate + join
+    would otherwise wait for them forever (the suite once hung at exit on exactly this)."""
+    import multiprocessing
+
+    from instdisc.loader import eval_batches
+    from instdisc.sources import open_source
+
+    root = _folder(tmp_path / "ds", 80)
+    _truncate(root / "train" / "b" / "2.png")
+    images = open_source(str(root), "train", cache_dir=str(tmp_path / "cache"), image_size=32)
+    caught = None
+    try:
+        for _ in eval_batches(images, 2, workers=1):
+            pass
+    except Exception as e:  # noqa: BLE001 - whichever error the bad file gives, kept alive on purpose
+        caught = e
+    assert caught is not None, "the truncated image was not found"
+    assert multiprocessing.active_children() == [], "DataLoader workers outlived the failed iteration"

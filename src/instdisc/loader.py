@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -297,13 +298,28 @@ class TrainLoader:
             for idx, x in zip(idx_batches, dl, strict=True):
                 yield x.to(self.device, non_blocking=True).permute(0, 3, 1, 2), idx.to(self.device)
 
-    def _workers(self, batches: torch.utils.data.Dataset) -> torch.utils.data.DataLoader:
-        """DataLoader workers over a dataset of whole batches (one item = one batch), pinned for CUDA;
-        the workers leave SIGTERM/SIGINT to the main process (it checkpoints)."""
-        return torch.utils.data.DataLoader(
-            batches, batch_size=None, num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False, worker_init_fn=_ignore_stop_signals,
-        )
+    def _workers(self, batches: torch.utils.data.Dataset) -> Iterator[Any]:
+        return from_workers(batches, self.workers, pin_memory=self.device.type == "cuda")
+
+
+def from_workers(batches: torch.utils.data.Dataset, workers: int, *, pin_memory: bool = False) -> Iterator[Any]:
+    """The items of `batches` (one item = one whole batch) decoded by DataLoader workers, in order.
+
+    The workers ignore the stop signals (`_ignore_stop_signals`), so nothing but the main process
+    can stop them: they are shut down here as soon as the iteration ends, also when it ends by an
+    exception (a bad image) or is abandoned. Left to garbage collection, an exception kept alive by
+    its caller kept them alive too, and at exit multiprocessing's terminate() (a SIGTERM they ignore)
+    followed by join() waited for them forever.
+    """
+    dl = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                     persistent_workers=False, worker_init_fn=_ignore_stop_signals)
+    it = iter(dl)
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # absent with workers=0: nothing to stop
+        if shutdown is not None:
+            shutdown()
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -334,7 +350,5 @@ def eval_batches(
             yield x.to(device).permute(0, 3, 1, 2)
     else:
         batches = [torch.arange(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
-        dl = torch.utils.data.DataLoader(_FileBatches(images, batches, size), batch_size=None, num_workers=workers,
-                                         worker_init_fn=_ignore_stop_signals)  # e.g. the kNN monitor in training
-        for x in dl:
+        for x in from_workers(_FileBatches(images, batches, size), workers):  # e.g. the kNN monitor in training
             yield x.to(device).permute(0, 3, 1, 2)
