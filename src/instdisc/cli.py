@@ -4,6 +4,7 @@
   instdisc embed RUN_DIR_OR_CHECKPOINT --data SOURCE --split train|test --out FILE.npy
   instdisc knn|linear|lowshot RUN_DIR_OR_CHECKPOINT | --train FILE.npy --test FILE.npy
   instdisc stages|neighbours|map RUN_DIR_OR_CHECKPOINT    (also released weights: instdisc weights FILE)
+  instdisc search RUN_DIR --query IMG|DIR [--index DATA] [-k 20] --out DIR   (HTML page + CSV of retrievals)
   instdisc report RUN_DIR
   instdisc export RUN_DIR_OR_WEIGHTS --format torchvision|timm|detectron2|safetensors|onnx|torch-export --out FILE
   instdisc clusters RUN_DIR                               (SeLa: pseudo-label metrics, files, grid)
@@ -421,6 +422,19 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from instdisc.search import check_out_dir, search, write_results
+
+    check_out_dir(args.out)
+    res = search(args.run, args.query, index=args.index, k=args.k, backend=args.backend, device=args.device,
+                 batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=True)
+    print(f"{len(res.query_names)} queries, {res.indices.shape[1]} nearest of {len(res.index)} index images "
+          f"({res.index.name}; index features {'from the cache' if res.cached else 'computed'})")
+    for p in write_results(res, args.out):
+        print(f"wrote {p}")
+    return 0
+
+
 def cmd_map(args: argparse.Namespace) -> int:
     from instdisc.report import map_figure
 
@@ -612,6 +626,30 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--queries", type=positive_int, default=8, help="number of random queries (default 8)")
     nb.add_argument("-k", type=positive_int, default=20, help="neighbours per query (default 20)")
     nb.set_defaults(func=cmd_neighbours)
+
+    se = sub.add_parser("search", help="the nearest index images of each query image: an HTML page and a CSV",
+                        description="For each query image, its -k nearest images of the index by cosine similarity "
+                                    "of the embedding. Writes DIR/index.html (thumbnails, file names, similarities; "
+                                    "DIR/thumbs/ beside it, no network needed), DIR/results.csv (query, rank, index, "
+                                    "file, similarity). The index's features are cached under RUN_DIR/eval/features, "
+                                    "so a second search embeds only the queries. Folders may be unlabelled.")
+    se.add_argument("run", help="run directory or checkpoint (or released weights, with --index)")
+    se.add_argument("--query", required=True, help="an image file, or a folder (or archive) of images, with or "
+                                                   "without class folders")
+    se.add_argument("--index", default=None, help="the images searched, any --data source (its train split), e.g. "
+                                                  "an unlabelled folder of images (default: the run's training data)")
+    se.add_argument("-k", type=positive_int, default=20, help="retrievals per query, at most the index's size "
+                                                              "(default 20)")
+    se.add_argument("--out", required=True, help="output folder (made if absent): index.html, results.csv, thumbs/")
+    se.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto",
+                    help="neighbour search: exact torch top-k, or faiss's exact index; auto = faiss (if installed) "
+                         "for indexes of 2,000,000+ images")
+    se.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+    se.add_argument("--device", default="auto", help=DEVICE_HELP)
+    se.add_argument("--cache-dir", default=None, help=CACHE_HELP)
+    se.add_argument("--no-cache", action="store_true", help="do not reuse or write the index's features in "
+                                                            "RUN_DIR/eval/features")
+    se.set_defaults(func=cmd_search)
 
     mp = sub.add_parser("map", help="PNG: 2-D map (PCA or t-SNE) of the test embedding, coloured by label")
     features_args(mp, files=False)
