@@ -196,3 +196,19 @@ def test_faiss_asked_for_but_missing_is_one_line(world, tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert rc == 2 and "--backend faiss needs the faiss-cpu package" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "index.html").exists()
+
+
+def test_released_weights_search_an_index_given_explicitly(world, tmp_path, capsys):
+    from test_published import R18, linear, prefixed, resnet_sd
+
+    weights = tmp_path / "ckpt.t7"
+    torch.save({"net": prefixed(linear(resnet_sd(**R18, width=8, cifar=True, shortcut="shortcut"), "linear.", 16, 64),
+                                "module.")}, weights)
+    base = ["search", str(weights), "--query", str(world["queries"]), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    capsys.readouterr()
+    assert main(base) == 2  # no training data to default to
+    err = capsys.readouterr().err
+    assert "--index is needed" in err and "Traceback" not in err
+    assert main([*base, "--index", str(world["index"]), "-k", "3"]) == 0
+    with open(tmp_path / "o" / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4 * 3

@@ -635,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "so a second search embeds only the queries. Folders may be unlabelled.")
     se.add_argument("run", help="run directory or checkpoint (or released weights, with --index)")
     se.add_argument("--query", required=True, help="an image file, or a folder (or archive) of images, with or "
-                                                   "without class folders")
+                                                   "without class folders (with train/ and test/: its train/)")
     se.add_argument("--index", default=None, help="the images searched, any --data source (its train split), e.g. "
                                                   "an unlabelled folder of images (default: the run's training data)")
     se.add_argument("-k", type=positive_int, default=20, help="retrievals per query, at most the index's size "
