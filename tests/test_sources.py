@@ -32,6 +32,7 @@ from instdisc.sources import (
     fit_image,
     layouts,
     open_source,
+    plans,
     trees,
 )
 
@@ -682,10 +683,10 @@ def test_cache_hit_does_not_decode_and_is_fast(tmp_path, cache, monkeypatch):
     first = {spec: open_source(spec, cache_dir=cache) for spec in (str(src), str(arch))}
     first["synthetic"] = open_source("synthetic", cache_dir=cache)
     # patched where they are looked up: decode_image by the decoding of whole splits, the other
-    # two by open_source's dispatch in the package itself
+    # two by the one dispatch on a spec (sources.plans)
     monkeypatch.setattr(decode, "decode_image", _no_decode)
-    monkeypatch.setattr(sources, "_make_synthetic", _no_decode)
-    monkeypatch.setattr(sources, "_open_archive", _no_decode)  # an archive hit does not even list it
+    monkeypatch.setattr(plans, "_make_synthetic", _no_decode)
+    monkeypatch.setattr(plans, "_open_archive", _no_decode)  # an archive hit does not even list it
     for spec, s1 in first.items():
         t = time.perf_counter()
         s2 = open_source(spec, cache_dir=cache)
