@@ -646,6 +646,24 @@ def test_stream_read_of_file_that_went_bad(tmp_path, cache):
         s.read(0)
 
 
+def test_stream_is_the_new_name_of_not_in_memory(tmp_path, cache):
+    # `stream` (how a source is read) no longer shares its name with training's --in-memory (where
+    # a set is held); the old keyword stays an alias in the opposite sense.
+    root = write_tree(tmp_path / "ds")
+    assert isinstance(open_source(str(root), cache_dir=cache, stream=True), FileImageSet)
+    assert isinstance(open_source(str(root), cache_dir=cache, in_memory=False), FileImageSet)
+    assert isinstance(open_source(str(root), cache_dir=cache, stream=False), ArrayImageSet)
+    with pytest.raises(DataError, match="contradicts"):
+        open_source(str(root), cache_dir=cache, stream=True, in_memory=True)
+
+
+def test_other_split_prefetch_is_an_explicit_argument(tmp_path, cache):
+    arch = make_tar(tmp_path / "ds.tar.gz", write_tree(tmp_path / "ds"), None)
+    open_source(str(arch), "train", cache_dir=cache, prefetch_other=False)
+    assert len(list((cache / "arrays").glob("*-test-*.json"))) == 0
+    assert open_source(str(arch), "test", cache_dir=cache).meta["cached"] is False
+
+
 def test_small_images_streamed_on_request(tmp_path, cache):
     root = write_tree(tmp_path / "ds")
     s = open_source(str(root), cache_dir=cache, in_memory=False, image_size=8)

@@ -71,33 +71,32 @@ an archive (``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz``, ``.zip``)
 
 Storage
 -------
-*Small images* (``in_memory=True``, or, by default, when 16 images spread over the split -- the
-first 16 of a compressed tar -- are all <= 64 px on their longest side, judged from their headers
-alone so that the decision is cheap even for ImageNet) are decoded once into ``CACHE/arrays/<key>.npy`` (uint8, N x H x W x 3) plus ``<key>.labels.npy`` and
-``<key>.json`` (classes, meta; written last, so its presence marks a complete entry), all written
-atomically (temporary file + ``os.replace``). They come back as an `ArrayImageSet` whose
-``images`` is a copy-on-write ``np.memmap`` of that file, so the second open costs milliseconds.
-Decoding one split of an archive also decodes the other one while the archive is listed (listing
-is the slow part; the other split is nearly always opened next; ``prefetch_other=False`` opts
-out). The key hashes the
-source's content: the sha256 of an archive's bytes (above 256 MiB: its size, mtime and the sha256 of
-its first and last 8 MiB, so opening a 150 GB archive does not hash 150 GB), the relative paths,
-sizes and mtimes of a directory's files, or a version string and the parameters of a built-in.
-Different image sizes in this path are made uniform: to ``image_size`` when given, else to the
-most common size of the source (ties: the larger), by the resize + centre crop of `fit_image`.
-An unreadable cache entry is rebuilt; an unwritable cache directory gives a warning and an
-in-memory set.
+*Small images* (``stream=False``, or, by default, when 16 images spread over the split -- the first
+16 of a compressed tar -- are all <= 64 px on their longest side, judged from their headers alone
+so that the decision is cheap even for ImageNet) are decoded once into ``CACHE/arrays/<key>.npy``
+(uint8, N x H x W x 3) plus ``<key>.labels.npy`` and ``<key>.json`` (classes, meta; written last,
+so its presence marks a complete entry), all written atomically (temporary file + ``os.replace``).
+They come back as an `ArrayImageSet` whose ``images`` is a copy-on-write ``np.memmap`` of that
+file, so the second open costs milliseconds. Decoding one split of an archive also decodes the
+other one while the archive is listed (listing is the slow part; the other split is nearly always
+opened next; ``prefetch_other=False`` opts out). The key hashes the source's content: the sha256 of
+an archive's bytes (above 256 MiB: its size, mtime and the sha256 of its first and last 8 MiB, so
+opening a 150 GB archive does not hash 150 GB), the relative paths, sizes and mtimes of a
+directory's files, or a version string and the parameters of a built-in. Different image sizes in
+this path are made uniform: to ``image_size`` when given, else to the most common size of the
+source (ties: the larger), by the resize + centre crop of `fit_image`. An unreadable cache entry is
+rebuilt; an unwritable cache directory gives a warning and an in-memory set.
 
-*Large images* become a `FileImageSet`: every file is listed up front (so indices are fixed) and
-empty, missing or link members are rejected at open, but images are only decoded by ``read(i)``
-(typically in DataLoader workers); ``instdisc data check`` decodes everything ahead of time.
-Unless ``image_size`` is given, training crops them at decode time: ``read_crops(i, ...)``
-resizes boxes drawn on the whole stored image (see `instdisc.loader`), decoding JPEGs at the DCT
-scale the boxes allow; evaluation reads ``read_eval(i, size)``, the short side resized to
-``round(size * 256 / 224)`` and the centre ``size x size`` crop. ``read(i)`` (previews, reports,
-and every use when ``image_size`` is given) resizes the short side to ``image_size`` (default
-256) with bilinear filtering and centre-crops a square. Large images inside a
-*compressed* tar cannot be read at random; that case raises `DataError` suggesting to decompress
+*Large images* (``stream=True``, or, by default, all others) become a `FileImageSet`: every file is
+listed up front (so indices are fixed) and empty, missing or link members are rejected at open, but
+images are only decoded by ``read(i)`` (typically in DataLoader workers); ``instdisc data check``
+decodes everything ahead of time. Unless ``image_size`` is given, training crops them at decode
+time: ``read_crops(i, ...)`` resizes boxes drawn on the whole stored image (see `instdisc.loader`),
+decoding JPEGs at the DCT scale the boxes allow; evaluation reads ``read_eval(i, size)``, the short
+side resized to ``round(size * 256 / 224)`` and the centre ``size x size`` crop. ``read(i)``
+(previews, reports, and every use when ``image_size`` is given) resizes the short side to
+``image_size`` (default 256) with bilinear filtering and centre-crops a square. Large images inside
+a *compressed* tar cannot be read at random; that case raises `DataError` suggesting to decompress
 (``gunzip``) or extract the archive.
 
 ``image_size`` given => every image of every source (built-ins included) is stored/returned as

@@ -31,9 +31,10 @@ def open_source(
     cache_dir: str | Path | None = None,
     download: bool = False,
     image_size: int | None = None,
-    in_memory: bool | None = None,
+    stream: bool | None = None,
     prefetch_other: bool = True,
     progress: bool = True,
+    in_memory: bool | None = None,
 ) -> ImageSet:
     """Open one split of a data source (see the `instdisc.sources` docstring for every form of ``spec``).
 
@@ -44,13 +45,16 @@ def open_source(
         download: fetch ``cifar10``/``cifar100`` from the official URL when absent.
         image_size: make every image ``image_size x image_size`` (short-side resize + centre
             crop). Default: small sources keep their size, streamed ones use 256.
-        in_memory: ``True`` decodes everything into the array cache whatever the image size;
-            ``False`` streams folders/archives as a `FileImageSet`; ``None`` decides by size.
+        stream: ``True`` streams folders/archives as a `FileImageSet`; ``False`` decodes
+            everything into the array cache whatever the image size; ``None`` decides by size.
+            (Not training's ``--in-memory``, which holds a set on the training device.)
         prefetch_other: when a split of an archive is decoded (not a cache hit), decode its other
             split too while the archive is listed: listing is the slow part of a cold open, and
             the other split is nearly always opened next. Errors there are left for the open of
             that split itself.
         progress: print progress lines on stderr while decoding or downloading big sources.
+        in_memory: the old name of ``stream``, in the opposite sense (``in_memory=False`` is
+            ``stream=True``); kept as an alias.
 
     Returns:
         An `ArrayImageSet` (small images) or a `FileImageSet` (large images).
@@ -58,7 +62,11 @@ def open_source(
     Raises:
         DataError: missing, empty, malformed or partly unreadable source; bad ``split``.
     """
-    stream = None if in_memory is None else not in_memory
+    if in_memory is not None:
+        if stream is not None and stream == in_memory:
+            raise DataError(f"stream={stream} contradicts in_memory={in_memory} (its old name, in the opposite "
+                            "sense); give only stream.")
+        stream = not in_memory
     plan = resolve(spec, split, cache_dir=cache_dir, download=download, image_size=image_size, progress=progress)
     try:
         result = materialise(plan, stream=stream, progress=progress)
