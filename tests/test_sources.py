@@ -664,6 +664,29 @@ def test_other_split_prefetch_is_an_explicit_argument(tmp_path, cache):
     assert open_source(str(arch), "test", cache_dir=cache).meta["cached"] is False
 
 
+def test_the_plan_is_what_open_source_reads(tmp_path, cache, monkeypatch):
+    # One dispatch: the key a plan names is the cache entry open_source writes, for every kind,
+    # and an archive's key is known before the archive is listed (so a hit never lists it).
+    root = write_tree(tmp_path / "ds")
+    specs = {"folder": root, "archive": make_zip(tmp_path / "ds.zip", root, None), "synthetic": "synthetic:8"}
+    for kind, spec in specs.items():
+        for split in ("train", "test"):
+            plan = sources.resolve(str(spec), split, cache_dir=cache)
+            assert plan.kind == kind and plan.split == split
+            if kind == "archive":
+                with monkeypatch.context() as m:
+                    m.setattr(plans, "_open_archive", _no_decode)
+                    key = plan.key
+            else:
+                key = plan.key
+            plan.close()
+            assert open_source(str(spec), split, cache_dir=cache).meta["cache_key"] == key
+    folder = sources.resolve(str(root), "test", cache_dir=cache)
+    assert folder.sel.names == sorted(folder.sel.names, key=lambda n: (n.split("/")[1], n))  # classes, then files
+    assert not folder.arrays_built and len(folder.sel.names) == len(TREE["test"]["zebra"]) + 3
+    folder.close()
+
+
 def test_small_images_streamed_on_request(tmp_path, cache):
     root = write_tree(tmp_path / "ds")
     s = open_source(str(root), cache_dir=cache, in_memory=False, image_size=8)

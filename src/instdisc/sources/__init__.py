@@ -32,6 +32,8 @@ Modules
 ``opening``
     `open_source`, which materialises a plan; `open_eval_split`, an evaluation split with the
     training split's label ids.
+``pernode``
+    Under torchrun, one process per node decodes and caches while the others wait (`once_per_node`).
 this package
     This contract, and the public names re-exported.
 
