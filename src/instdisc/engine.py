@@ -51,6 +51,7 @@ from instdisc.runtime import StopRequest, build_optimizer, load_optimizer_state
 from instdisc.sources import ImageSet, align_classes, open_source
 from instdisc.sources.fingerprint import data_fingerprint
 from instdisc.sources.fingerprint import difference as fingerprint_difference
+from instdisc.sources.pernode import once_per_node
 
 
 def fill_size_defaults(cfg: TrainConfig, num_samples: int, num_classes: int) -> list[str]:
@@ -382,9 +383,9 @@ def open_sets(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
     """The training set and, if one exists, the evaluation set (labelled by the training classes)."""
     d = cfg.data
     kw = dict(cache_dir=d.cache_dir, download=d.download, image_size=d.image_size, progress=dist.is_main())
-    train = open_source(d.data, "train", **kw)
+    train = once_per_node(lambda: open_source(d.data, "train", **kw))  # decoded/cached once per node
     try:
-        test = open_source(d.test_data or d.data, "test", **kw)
+        test = once_per_node(lambda: open_source(d.test_data or d.data, "test", **kw))
     except DataError as e:
         if d.test_data:
             raise
