@@ -156,7 +156,7 @@ def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
     """The method decides which flags exist, and may come from the config file or, on --resume,
     from the run itself: find it first. -> (method, config path, the TrainConfig of the run to
     resume or None). With ``--resume auto`` that run is None when this launch starts the run
-    (`engine.resume_auto` decides)."""
+    (`rundir.resume_auto` decides)."""
     from instdisc.config import RunConfig, load_preset
     from instdisc.methods import read_run
 
@@ -171,7 +171,7 @@ def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
     stored = None
     out = getattr(ns, "run.out") or preset.get("out") or RunConfig().out
     if ns.resume == "auto":
-        from instdisc.engine import resume_auto
+        from instdisc.rundir import resume_auto
 
         resuming = resume_auto(Path(out).expanduser().resolve())
     else:
