@@ -244,24 +244,29 @@ def wrap_for_training(method: Method, env: Env, *, compile: bool) -> nn.Module:
     return torch.compile(model) if compile else model
 
 
-def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Train `cfg.run.method` and return the final metrics. The run directory is locked meanwhile."""
+def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = False,
+        checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train `cfg.run.method` and return the final metrics. The run directory is locked meanwhile.
+    `checkpoint`: on resume, the run's checkpoint already read (`rundir.read_resume`); else read here."""
     clock = StopRequest(cfg.run.time_limit)  # started before the data are opened: loading counts
     out = Path(cfg.run.out)
     lock = prepare_run_dir(out, resume=resume, overwrite=overwrite) if env.is_main else None
     try:
         dist.barrier()
-        return _fit(cfg, env, clock, out, resume=resume)
+        return _fit(cfg, env, clock, out, resume=resume, ck=checkpoint)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: bool) -> dict[str, Any]:
+def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: bool,
+         ck: dict[str, Any] | None) -> dict[str, Any]:
     r, o = cfg.run, cfg.optim
-    ck = None
-    if resume:
-        _, ck = building.read_run(out, quarantine=env.is_main)
+    if not resume:
+        ck = None
+    else:
+        if ck is None:
+            _, ck = building.read_run(out, quarantine=env.is_main)
         if ck.get("method") != r.method:
             raise CheckpointError(f"the checkpoint in {str(out)!r} is a {ck.get('method')!r} run, not {r.method!r}.")
         check_resume_epochs(TrainState(**ck["state"]), o.epochs)

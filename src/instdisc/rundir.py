@@ -29,6 +29,7 @@ from torch import Tensor
 
 from instdisc import dist
 from instdisc.checkpoint import LAST, PREV, atomic_write_text, checkpoint_dir
+from instdisc.config import TrainConfig, absolute_paths, resume_rules
 from instdisc.dist import Env
 from instdisc.errors import CheckpointError, DataError, InstdiscWarning, UserError
 from instdisc.runtime import load_optimizer_state
@@ -245,6 +246,44 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
         lock.release()
         raise
     return lock
+
+
+def read_resume(out: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The run to resume in `out` -> (its TrainConfig, its checkpoint): the one read of the
+    checkpoint on ``--resume`` (the CLI needs the run's method and config before it can parse the
+    flags; `fit` is handed the same dict). A damaged last.pt is set aside by the launch's rank 0
+    only (`checkpoint.load_checkpoint`'s quarantine), as the ranks read the folder together."""
+    from instdisc.methods.build import read_run
+
+    launch = os.environ if "RANK" in os.environ else {**os.environ, **dist.slurm_env(os.environ)}
+    return read_run(out, quarantine=launch.get("RANK", "0") == "0")
+
+
+def resume_config(cfg: TrainConfig, stored: TrainConfig, flags: dict[str, Any]) -> TrainConfig:
+    """The configuration a ``--resume`` trains with: the run's own (`stored`), with this launch's
+    `cfg` where the fields allow it (`config.resume_rules`: "launch" fields always, "change" fields
+    when given in `flags`, the "section.name" -> value of this command line). A flag that would
+    change anything else (the maths) is refused; so is another --method."""
+    absolute_paths(stored)
+    rules = resume_rules()
+    current, saved = cfg.to_dict(), stored.to_dict()
+    if cfg.run.method != stored.run.method:  # the other method's own flags are not comparable
+        raise UserError(
+            f"--resume: method was {stored.run.method!r} in this run; it cannot change to "
+            f"{cfg.run.method!r}. Start a new run (another --out) instead."
+        )
+    for dest in flags:
+        sec, name = dest.split(".", 1)
+        if dest not in rules and current[sec][name] != saved[sec][name]:
+            raise UserError(
+                f"--resume: {name} was {saved[sec][name]!r} in this run; it cannot change to "
+                f"{current[sec][name]!r}. Start a new run (another --out) instead."
+            )
+    for dest, rule in rules.items():
+        if rule == "launch" or dest in flags:
+            sec, name = dest.split(".", 1)
+            setattr(getattr(stored, sec), name, getattr(getattr(cfg, sec), name))
+    return stored
 
 
 def restore_training(ck: dict[str, Any], optimizer: torch.optim.Optimizer,
