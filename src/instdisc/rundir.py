@@ -19,16 +19,17 @@ import socket
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from instdisc import dist
-from instdisc.checkpoint import LAST, PREV, atomic_write_text, checkpoint_dir
+from instdisc import __version__, dist
+from instdisc.checkpoint import LAST, PREV, atomic_write_text, checkpoint_dir, save_checkpoint
 from instdisc.config import TrainConfig, absolute_paths, resume_rules
 from instdisc.dist import Env
 from instdisc.errors import CheckpointError, DataError, InstdiscWarning, UserError
@@ -284,6 +285,59 @@ def resume_config(cfg: TrainConfig, stored: TrainConfig, flags: dict[str, Any]) 
             sec, name = dest.split(".", 1)
             setattr(getattr(stored, sec), name, getattr(getattr(cfg, sec), name))
     return stored
+
+
+def resume_checkpoint(out: Path, ck: dict[str, Any] | None, method: str, epochs: int, *,
+                      quarantine: bool) -> dict[str, Any]:
+    """The checkpoint a resume continues from (`ck` if the caller read it already, `read_resume`),
+    refused if it is another method's or already past --epochs."""
+    if ck is None:
+        from instdisc.methods.build import read_run
+
+        _, ck = read_run(out, quarantine=quarantine)
+    if ck.get("method") != method:
+        raise CheckpointError(f"the checkpoint in {str(out)!r} is a {ck.get('method')!r} run, not {method!r}.")
+    check_resume_epochs(TrainState(**ck["state"]), epochs)
+    return ck
+
+
+class Checkpointer:
+    """Writes the run's checkpoint (`checkpoint.save_checkpoint`: last.pt, the one before as prev.pt):
+    everything a ``--resume`` needs to continue bit-identically, from any rank's point of view.
+
+    Every rank calls `save` at the same step (it holds collectives): the ranks' BatchNorm statistics
+    are averaged, their method state is checked equal, their generators are gathered; rank 0 writes.
+    """
+
+    def __init__(self, out: Path, cfg: TrainConfig, env: Env, method: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, order: Callable[[int], Tensor], data: dict[str, Any],
+                 num_samples: int) -> None:
+        self.out, self.cfg, self.env, self.method = out, cfg, env, method
+        self.optimizer, self.scaler, self.order, self.data, self.num_samples = optimizer, scaler, order, data, num_samples
+        self._orders: dict[int, int] = {}  # epoch -> fingerprint of its data order (computed once per epoch)
+
+    def order_crc32(self, epoch: int) -> int:
+        if epoch not in self._orders:
+            self._orders.clear()
+            self._orders[epoch] = order_fingerprint(self.order(epoch))
+        return self._orders[epoch]
+
+    def save(self, state: TrainState) -> None:
+        dist.sync_norm_stats(self.method)
+        if not dist.buffers_agree(self.method):
+            raise RuntimeError(f"method state differs across ranks at step {state.step}: this is a bug, please report it")
+        rngs = dist.all_gather_object(rng_state(self.env.device))  # one per rank, in rank order
+        if self.env.is_main:
+            save_checkpoint(self.out, {
+                "version": __version__, "method": self.cfg.run.method, "num_samples": self.num_samples,
+                "data": self.data, "config": self.cfg.to_dict(), "model": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "state": dict(state.__dict__),
+                "sampler": {"epoch": state.epoch, "position": state.epoch_step,
+                            "order_crc32": self.order_crc32(state.epoch)},
+                "rng": rngs, "world_size": self.env.world_size,
+            })
+        dist.barrier()
 
 
 def restore_training(ck: dict[str, Any], optimizer: torch.optim.Optimizer,
