@@ -155,11 +155,11 @@ def resume_mode(text: str) -> str:
 
 def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
     """The method decides which flags exist, and may come from the config file or, on --resume,
-    from the run itself: find it first. -> (method, config path, the TrainConfig of the run to
-    resume or None). With ``--resume auto`` that run is None when this launch starts the run
-    (`engine.resume_auto` decides)."""
+    from the run itself: find it first. -> (method, config path, (TrainConfig, checkpoint) of the
+    run to resume, or None). With ``--resume auto`` that run is None when this launch starts the run
+    (`rundir.resume_auto` decides)."""
     from instdisc.config import RunConfig, load_preset
-    from instdisc.methods import read_run
+    from instdisc.rundir import read_resume, resume_auto
 
     pre = Parser(add_help=False)
     pre.add_argument("--method", dest="run.method", default=None)
@@ -172,14 +172,12 @@ def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
     stored = None
     out = getattr(ns, "run.out") or preset.get("out") or RunConfig().out
     if ns.resume == "auto":
-        from instdisc.engine import resume_auto
-
         resuming = resume_auto(Path(out).expanduser().resolve())
     else:
         resuming = bool(ns.resume)
     if resuming:
-        stored = read_run(out)[0]
-        method = method or stored.run.method  # the run's own method: --resume needs no --method
+        stored = read_resume(out)  # (config, checkpoint): read once, handed on to fit
+        method = method or stored[0].run.method  # the run's own method: --resume needs no --method
     return method or "npid", ns.config, stored
 
 
@@ -235,7 +233,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     from instdisc import dist
     from instdisc.config import absolute_paths, load_preset
     from instdisc.engine import fit
-    from instdisc.methods import read_run, resolve_config
+    from instdisc.methods import resolve_config
+    from instdisc.rundir import resume_config
 
     method, config_path, stored_run = _pre_parse(argv)
     from instdisc.methods import METHODS
@@ -252,43 +251,13 @@ def cmd_train(argv: Sequence[str]) -> int:
         raise UserError("--resume auto and --overwrite contradict each other: --resume auto never replaces a run.")
     # --resume auto starting the run: what a launch stopped before its first checkpoint left is replaced.
     resume, overwrite = (stored_run is not None, stored_run is None) if auto else (args.resume, args.overwrite)
-    if resume:
-        # The run's own config wins. Flags of this invocation only (device, progress, an early
-        # stop) come from the command line; a few more may be changed on purpose (e.g. --epochs to
-        # extend a run; --data for the same images at another path: fit compares their
-        # fingerprint); anything that would change the maths is refused.
-        stored = stored_run if stored_run is not None else read_run(cfg.run.out)[0]
-        absolute_paths(stored)
-        invocation = {"run.device", "run.progress", "run.max_steps", "data.workers", "data.cache_dir", "run.out",
-                      "run.dist_timeout", "data.data"}
-        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.knn_subset", "run.ckpt_every_steps",
-                      "run.ckpt_every_epochs",
-                      "run.skip_nonfinite", "run.time_limit", "optim.optimizer_impl", "data.in_memory",
-                      "data.drop_unknown_classes"}
-        current, saved = cfg.to_dict(), stored.to_dict()
-        if cfg.run.method != stored.run.method:  # the other method's own flags are not comparable
-            raise UserError(
-                f"--resume: method was {stored.run.method!r} in this run; it cannot change to "
-                f"{cfg.run.method!r}. Start a new run (another --out) instead."
-            )
-        for dest in flags:
-            sec, name = dest.split(".", 1)
-            if dest not in invocation | changeable and current[sec][name] != saved[sec][name]:
-                raise UserError(
-                    f"--resume: {name} was {saved[sec][name]!r} in this run; it cannot change to "
-                    f"{current[sec][name]!r}. Start a new run (another --out) instead."
-                )
-        for dest in invocation | (changeable & set(flags)):
-            if dest == "data.data" and dest not in flags:
-                continue
-            sec, name = dest.split(".", 1)
-            setattr(getattr(stored, sec), name, getattr(getattr(cfg, sec), name))
-        cfg = stored
+    if resume:  # the run's own config wins, with what the fields let a resume change (config.resume_rules)
+        cfg = resume_config(cfg, stored_run[0], flags)
     timeout = _dist_timeout(cfg.run.dist_timeout, given="run.dist_timeout" in flags)
     env = dist.init_from_env(cfg.run.device, timeout_s=timeout)
     ok = False
     try:
-        metrics = fit(cfg, env, resume=resume, overwrite=overwrite)
+        metrics = fit(cfg, env, resume=resume, overwrite=overwrite, checkpoint=stored_run[1] if resume else None)
         ok = True
     except RuntimeError as e:
         if not (env.distributed and _is_peer_failure(e)):
