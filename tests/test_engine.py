@@ -43,15 +43,18 @@ class _FakeWriter:
     def flush(self):
         pass
 
+    def close(self):
+        pass
+
 
 def test_metric_log_mirrors_numbers_to_tensorboard(tmp_path, monkeypatch):
     import json
 
-    from instdisc import rundir
+    from instdisc import loggers, rundir
 
     fake = _FakeWriter()
-    monkeypatch.setattr(rundir, "tensorboard_writer", lambda log_dir: fake)
-    log = rundir.MetricLog(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(loggers, "tensorboard_writer", lambda log_dir: fake)
+    log = rundir.MetricLog(tmp_path / "metrics.jsonl", loggers.open_loggers(["tensorboard"], tmp_path, {}))
     log.write(type="step", step=20, epoch=0, lr=0.03, loss=7.5)
     log.write(type="epoch", step=390, epoch=1, knn_top1=31.8, note="text is not a scalar", ok=True)
     assert fake.scalars == [
@@ -66,7 +69,7 @@ def test_metric_log_mirrors_numbers_to_tensorboard(tmp_path, monkeypatch):
 def test_tensorboard_is_optional(tmp_path):
     import importlib.util
 
-    from instdisc.rundir import tensorboard_writer
+    from instdisc.loggers import tensorboard_writer
 
     w = tensorboard_writer(tmp_path / "tb")
     assert (w is None) == (importlib.util.find_spec("tensorboard") is None)

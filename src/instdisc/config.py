@@ -23,6 +23,7 @@ import yaml
 
 from instdisc.augment import AugmentConfig
 from instdisc.errors import ConfigError, InstdiscWarning
+from instdisc.loggers import check_loggers
 
 
 @dataclass
@@ -122,6 +123,14 @@ class RunConfig:
     knn_subset: int = field(default=0, metadata={"resume": "change", "help": (
         "for methods without a memory bank: the kNN monitor's train side is a fixed random subset of this "
         "many training images instead of the whole set re-embedded (0 = all; the final kNN uses all)")})
+    quality_subset: int | None = field(default=None, metadata={"resume": "change", "help": (
+        "label-free quality signals (alignment, uniformity, RankMe, neighbour agreement; docs/quality.md) "
+        "on a fixed subset of this many training images, at the kNN monitor's cadence, also without "
+        "labels; 0 = off; default N // 20 within [256, 2000] (about 3%% of an epoch's compute)")})
+    logger: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"resume": "change", "help": (
+        "where metrics are mirrored besides metrics.jsonl (the record): tensorboard (RUN/tb, when the package "
+        "is installed), wandb (offline unless WANDB_MODE says otherwise), mlflow (MLFLOW_TRACKING_URI, else "
+        "RUN/mlruns); several may be given; none = metrics.jsonl only. docs/loggers.md")})
     knn_k: int = field(default=200, metadata={"help": "neighbours of the kNN monitor (NPID: 200)"})
     knn_t: float = field(default=0.07, metadata={"help": "temperature of the kNN weights exp(s/t)"})
     log_every: int = field(default=20, metadata={"resume": "change", "help": "steps between metric lines"})
@@ -435,6 +444,8 @@ def validate(cfg: TrainConfig) -> None:
         (r.knn_k >= 1, f"--knn-k must be >= 1; got {r.knn_k}"),
         (r.knn_subset >= 0, f"--knn-subset must be >= 0 (0 = the whole training set); got {r.knn_subset}"),
         (r.knn_t > 0, f"--knn-t must be > 0; got {r.knn_t}"),
+        (r.quality_subset is None or r.quality_subset == 0 or r.quality_subset >= 2,
+         f"--quality-subset must be 0 (off) or >= 2 images; got {r.quality_subset}"),
         (r.log_every >= 1, f"--log-every must be >= 1; got {r.log_every}"),
         (r.ckpt_every_steps >= 0, f"--ckpt-every-steps must be >= 0; got {r.ckpt_every_steps}"),
         (r.ckpt_every_epochs >= 1, f"--ckpt-every-epochs must be >= 1; got {r.ckpt_every_epochs}"),
@@ -455,6 +466,7 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg + ".")
+    check_loggers(r.logger)  # unknown names, and wandb / mlflow asked for but not installed
     late = [m for m in o.milestones if m >= o.epochs]
     if o.schedule == "step" and late:
         warnings.warn(

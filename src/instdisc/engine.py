@@ -39,7 +39,9 @@ from instdisc.loader import TrainLoader, make_order, step_seed
 from instdisc.methods import EpochContext, Method, StepOutput
 from instdisc.methods import build as building
 from instdisc.methods.build import build_method  # noqa: F401  (its home is methods.build; kept importable here)
+from instdisc.loggers import open_loggers
 from instdisc.progress import Progress
+from instdisc.quality import QualityState, measure
 from instdisc.rundir import (
     Checkpointer,
     MetricLog,
@@ -240,6 +242,22 @@ def evaluate_knn(
     return {"knn_top1": row["top1"], "knn_top5": row["top5"]}
 
 
+def evaluate_quality(method: Method, train: ImageSet, cfg: TrainConfig, env: Env, state: QualityState,
+                     epoch: int) -> dict[str, float]:
+    """The label-free signals (`instdisc.quality`) on `--quality-subset` training images, rank 0
+    only (the other ranks do not log), in eval mode: BatchNorm's running statistics are untouched."""
+    if not cfg.run.quality_subset or not env.is_main:
+        return {}
+    was_training = method.training
+    method.eval()
+    try:
+        return measure(method.embed, train, method.views(cfg.aug)[0], state, size=cfg.aug.size, mean=cfg.aug.mean,
+                       std=cfg.aug.std, subset=cfg.run.quality_subset, seed=cfg.run.seed, epoch=epoch,
+                       device=env.device, workers=cfg.data.workers)
+    finally:
+        method.train(was_training)
+
+
 def wrap_for_training(method: Method, env: Env, *, compile: bool) -> nn.Module:
     """The module the loop calls: DDP across ranks (gradients only; the methods keep their own
     buffers equal with explicit collectives), optionally compiled. `method` stays the unwrapped one."""
@@ -288,8 +306,10 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, ck: dict[
                            debug_dir=out / "debug", rank=env.rank, is_main=env.is_main, config=cfg.to_dict())
     parts = StepParts(wrap_for_training(method, env, compile=r.compile), optimizer, scaler, amp, guard,
                       lr_schedule(o, spe), view_cfgs, r.seed, o.clip_grad, r.channels_last)
-    ckpt = Checkpointer(out, cfg, env, method, optimizer, scaler, loader.order, fingerprint, n)
-    log = MetricLog(out / "metrics.jsonl" if env.is_main else None)
+    log = MetricLog(out / "metrics.jsonl", open_loggers(r.logger, out, cfg.to_dict(), (ck or {}).get("loggers"))) \
+        if env.is_main else MetricLog(None)
+    quality = QualityState.from_checkpoint(ck)  # the label-free signals' neighbour lists
+    ckpt = Checkpointer(out, cfg, env, method, optimizer, scaler, loader.order, fingerprint, n, quality, log)
     if env.is_main:
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         if resume:
@@ -325,7 +345,7 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, ck: dict[
                     break
             dt = time.perf_counter() - t0
             bar.close()
-            metrics = monitor(method, train, test, cfg, env, state, spe, log, {
+            metrics = monitor(method, train, test, cfg, env, state, spe, log, quality, {
                 **hook, "loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
                 "img_per_s": seen / max(dt, 1e-9), "time_s": dt})
             due = metrics["type"] == "epoch_part" or state.epoch >= o.epochs or state.epoch % r.ckpt_every_epochs == 0
@@ -377,9 +397,10 @@ def epoch_context(method: Method, train: ImageSet, cfg: TrainConfig, env: Env, e
 
 
 def monitor(method: Method, train: ImageSet, test: ImageSet | None, cfg: TrainConfig, env: Env, state: TrainState,
-            spe: int, log: MetricLog, stats: dict[str, Any]) -> dict[str, Any]:
+            spe: int, log: MetricLog, quality: QualityState, stats: dict[str, Any]) -> dict[str, Any]:
     """The end of an epoch, whole or cut short by a stop: move the state to the next epoch if this
-    one is done, run the kNN monitor when due, log the epoch's line and print its summary.
+    one is done, run the kNN monitor and the label-free signals when due, log the epoch's line and
+    print its summary.
 
     An epoch cut short (--max-steps, --time-limit, a signal) is logged as "epoch_part", so that
     "epoch" lines stay one per whole epoch across stops and resumes. Returns the logged record."""
@@ -388,8 +409,11 @@ def monitor(method: Method, train: ImageSet, test: ImageSet | None, cfg: TrainCo
     if state.epoch_step >= spe:
         state.epoch, state.epoch_step = state.epoch + 1, 0
     whole, last = state.epoch_step == 0, state.epoch >= o.epochs
-    if test is not None and r.knn_every and (state.epoch % r.knn_every == 0 or last) and whole:
+    due = bool(r.knn_every and (state.epoch % r.knn_every == 0 or last) and whole)
+    if due and test is not None:
         stats.update(evaluate_knn(method, train, test, cfg, env, use_bank=True))
+    if due:  # needs no labels: the signal for unlabelled data
+        stats.update(evaluate_quality(method, train, cfg, env, quality, state.epoch))
     metrics = {"type": "epoch" if whole else "epoch_part", "epoch": state.epoch, "step": state.step, **stats}
     log.write(**metrics)
     # The monitor's train side is the method's own memory bank where it keeps one (features
@@ -397,6 +421,8 @@ def monitor(method: Method, train: ImageSet, test: ImageSet | None, cfg: TrainCo
     reads = ("memory bank" if method.bank_features() is not None else
              f"{min(r.knn_subset, len(train))} train images re-embedded" if r.knn_subset else "train set re-embedded")
     knn = f" kNN top-1 {stats['knn_top1']:.2f}% ({reads})" if "knn_top1" in stats else ""
+    if "rankme" in stats:
+        knn += f" align {stats['align']:.3f} uniform {stats['uniform']:.3f} rankme {stats['rankme']:.1f}"
     where = f"epoch {state.epoch}/{o.epochs}" if whole else \
         f"epoch {state.epoch + 1}/{o.epochs} (stopped after step {state.epoch_step}/{spe})"
     dist.print0(f"{where} loss {stats['loss']:.4f}{knn} ({stats['img_per_s']:.0f} img/s, {stats['time_s']:.1f}s)")
@@ -423,4 +449,5 @@ def finish(method: Method, train: ImageSet, test: ImageSet | None, cfg: TrainCon
             f"checkpoint saved. Continue with: instdisc train --method {r.method} --out {Path(r.out)} --resume"
         )
         metrics = {**metrics, "stopped": clock.reason, "signal": clock.signum}
+    log.close()
     return metrics

@@ -33,37 +33,38 @@ from instdisc.checkpoint import LAST, PREV, atomic_write_text, checkpoint_dir, s
 from instdisc.config import TrainConfig, absolute_paths, resume_rules
 from instdisc.dist import Env
 from instdisc.errors import CheckpointError, DataError, InstdiscWarning, UserError
+from instdisc.loggers import Logger, numeric
+from instdisc.quality import QualityState
 from instdisc.runtime import load_optimizer_state
 from instdisc.sources import ImageSet
 from instdisc.sources.fingerprint import difference as fingerprint_difference
 
 
-def tensorboard_writer(log_dir: Path) -> Any:
-    """A TensorBoard SummaryWriter when the `tensorboard` package is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # torch's wrapper needs the tensorboard package; it is optional
-        return None
-    return SummaryWriter(log_dir=str(log_dir))
-
-
 class MetricLog:
     """Appends JSON lines to RUN_DIR/metrics.jsonl (rank 0 only), and mirrors every numeric field
-    to TensorBoard (RUN_DIR/tb/, tags "step/loss", "epoch/knn_top1", ...) when it is installed.
-    The JSONL file stays the record: TensorBoard is only a viewer."""
+    to the run's `--logger`s (`instdisc.loggers`: TensorBoard, wandb, MLflow; tags "step/loss",
+    "epoch/knn_top1", ...). The JSONL file stays the record: the loggers are viewers."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, loggers: list[Logger] | None = None) -> None:
         self.path = path
-        self.tb = tensorboard_writer(path.parent / "tb") if path is not None else None
+        self.loggers = list(loggers or []) if path is not None else []
+
+    def run_ids(self) -> dict[str, str]:
+        """The remote runs' ids, kept in the checkpoint: --resume continues the same runs."""
+        return {lg.name: lg.run_id for lg in self.loggers if lg.run_id is not None}
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+        self.loggers = []
 
     def write(self, **rec: Any) -> None:
         if self.path is None:
             return
-        if self.tb is not None and "step" in rec:
-            for key, value in rec.items():
-                if key not in ("type", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"{rec.get('type', 'log')}/{key}", value, rec["step"])
-            self.tb.flush()
+        if "step" in rec:
+            values = numeric(rec)
+            for lg in self.loggers:
+                lg.log(values, rec["step"])
         try:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
@@ -311,8 +312,9 @@ class Checkpointer:
 
     def __init__(self, out: Path, cfg: TrainConfig, env: Env, method: nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, order: Callable[[int], Tensor], data: dict[str, Any],
-                 num_samples: int) -> None:
+                 num_samples: int, quality: QualityState, log: MetricLog) -> None:
         self.out, self.cfg, self.env, self.method = out, cfg, env, method
+        self.quality, self.log = quality, log  # the signals' neighbour lists; the loggers' remote run ids
         self.optimizer, self.scaler, self.order, self.data, self.num_samples = optimizer, scaler, order, data, num_samples
         self._orders: dict[int, int] = {}  # epoch -> fingerprint of its data order (computed once per epoch)
 
@@ -336,6 +338,7 @@ class Checkpointer:
                 "sampler": {"epoch": state.epoch, "position": state.epoch_step,
                             "order_crc32": self.order_crc32(state.epoch)},
                 "rng": rngs, "world_size": self.env.world_size,
+                "quality": self.quality.state_dict(), "loggers": self.log.run_ids(),
             })
         dist.barrier()
 
