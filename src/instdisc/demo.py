@@ -69,10 +69,18 @@ def _is_demo_run(out: str, cfg) -> bool:  # noqa: ANN001
     except (OSError, ValueError):
         return False
     new = cfg.to_dict()
+    if not isinstance(old, dict):
+        return False
     for d in (old, new):
-        if isinstance(d, dict):
-            d.get("optim", {}).pop("epochs", None)
-            d.get("run", {}).pop("out", None)
+        d.get("optim", {}).pop("epochs", None)
+        d.get("run", {}).pop("out", None)
+    # Values left unset here are chosen for N when training starts (--quality-subset, ...): the
+    # saved run holds what was chosen for the same data.
+    for sec, values in new.items():
+        for k in [k for k, v in values.items() if v is None] if isinstance(values, dict) else []:
+            values.pop(k)
+            if isinstance(old.get(sec), dict):
+                old[sec].pop(k, None)
     return old == new
 
 
