@@ -81,3 +81,17 @@ def test_topk_accuracy_and_bad_shapes():
         weighted_knn(torch.randn(3, 4), torch.randn(5, 3), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError):
         weighted_knn(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(5, dtype=torch.long), t=0)
+
+
+def test_chunks_in_one_reused_buffer_give_the_unchunked_scores_exactly():
+    """The chunks' similarities share one buffer (the last chunk shorter): scores equal, bit for bit,
+    those of one (Q, N) matmul and one top-k."""
+    from instdisc.knn import scores_from_neighbours
+
+    g = torch.Generator().manual_seed(4)
+    bank, query = torch.randn(500, 16, generator=g), torch.randn(23, 16, generator=g)
+    labels = torch.randint(0, 6, (500,), generator=g)
+    sims = F.normalize(query, dim=1) @ F.normalize(bank, dim=1).t()  # (23, 500)
+    s, i = sims.topk(40, dim=1)
+    ref = scores_from_neighbours(s, labels[i], ks=(40,), ts=(0.1,), num_classes=6)[(40, 0.1)]
+    assert torch.equal(weighted_knn(query, bank, labels, k=40, t=0.1, num_classes=6, chunk_size=5), ref)
