@@ -81,3 +81,20 @@ def test_topk_accuracy_and_bad_shapes():
         weighted_knn(torch.randn(3, 4), torch.randn(5, 3), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError):
         weighted_knn(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(5, dtype=torch.long), t=0)
+
+
+def test_chunks_in_one_reused_buffer_give_the_scores_of_fresh_chunks_exactly():
+    """The chunks' similarities share one buffer (the last chunk shorter): scores equal, bit for bit,
+    those of a fresh (chunk, N) matmul and top-k per chunk, as before the buffer."""
+    from instdisc.knn import scores_from_neighbours
+
+    g = torch.Generator().manual_seed(4)
+    bank, query = torch.randn(500, 16, generator=g), torch.randn(23, 16, generator=g)
+    labels = torch.randint(0, 6, (500,), generator=g)
+    q, b = F.normalize(query, dim=1), F.normalize(bank, dim=1)
+    parts = []
+    for start in range(0, 23, 5):
+        s, i = (q[start : start + 5] @ b.t()).topk(40, dim=1)  # (<=5, 40)
+        parts.append(scores_from_neighbours(s, labels[i], ks=(40,), ts=(0.1,), num_classes=6)[(40, 0.1)])
+    got = weighted_knn(query, bank, labels, k=40, t=0.1, num_classes=6, chunk_size=5)
+    assert torch.equal(got, torch.cat(parts))

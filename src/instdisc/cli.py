@@ -20,6 +20,7 @@ import errno
 import math
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -268,7 +269,7 @@ def cmd_train(argv: Sequence[str]) -> int:
             "in the other processes' output; the last checkpoint is intact: fix the cause and continue with --resume."
         ) from None
     finally:
-        dist.cleanup(wait_for_peers=ok)
+        dist.cleanup(wait_for_peers=ok, destroy=False)  # the process ends with dist.leave (main)
     if env.is_main:
         print(f"outputs: {cfg.run.out} (config.json, metrics.jsonl, checkpoints/)")
     # Stopped by SIGTERM/SIGINT/SIGUSR1 (checkpoint written): not a finished run, so not status 0.
@@ -736,6 +737,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _formatwarning
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        status = _dispatch(argv)
+    except SystemExit as e:
+        if not _joined_process_group():
+            raise
+        status = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # a bug's traceback, then the status Python would give it
+        if not _joined_process_group():
+            raise
+        traceback.print_exc()
+        status = 1
+    if _joined_process_group():
+        # A process of a distributed run, its work done or failed: no interpreter teardown, whose
+        # gloo destructors can abort it (SIGABRT) and hide this status (dist.leave).
+        from instdisc import dist
+
+        dist.leave(status)
+    return status
+
+
+def _joined_process_group() -> bool:
+    d = sys.modules.get("instdisc.dist")  # never imported: torch never used, no process group
+    return d is not None and d.joined()
+
+
+def _dispatch(argv: list[str]) -> int:
+    try:
         if argv and argv[0] == "train":
             return cmd_train(argv[1:])
         parser = build_parser()
@@ -744,16 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0 if not argv else 2
         return args.func(args)
-    except PeerError as e:
-        print(f"instdisc: error: {e}", file=sys.stderr)
-        # The process group is broken: gloo may still own a thread stuck in the failed send, and
-        # its destructor at interpreter exit aborts the process (SIGABRT, "terminate called without
-        # an active exception"), hiding our exit status. Everything worth keeping is on disk (the
-        # checkpoint is atomic, metrics are flushed per line), so leave without running destructors.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(e.exit_code)
-    except UserError as e:
+    except UserError as e:  # PeerError included; main then leaves without the teardown (dist.leave)
         print(f"instdisc: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

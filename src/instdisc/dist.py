@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -137,10 +138,12 @@ def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> Env:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
+        global _joined
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
             backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None
         )
+        _joined = True
     return Env(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
@@ -279,16 +282,48 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup(*, wait_for_peers: bool = True) -> None:
-    """Leave the process group. After success all ranks leave together: a rank that exits while a
-    peer is still tearing down its gloo connections can make that peer abort (SIGABRT). After an
-    error we do not wait (the peers may be gone)."""
+_joined = False  # whether init_from_env made this process join a process group
+
+
+def cleanup(*, wait_for_peers: bool = True, destroy: bool = True) -> None:
+    """Leave the process group. After success all ranks meet at a barrier first, so that every
+    rank's work is done before any leaves. After an error we do not wait (the peers may be gone).
+
+    destroy=False keeps the group for a process that ends with `leave` (the CLI): tearing it down
+    is one of the hazards that `leave` avoids.
+    """
     if dist.is_available() and dist.is_initialized():
         try:
             if wait_for_peers:
                 dist.barrier()
         finally:
-            dist.destroy_process_group()
+            if destroy:
+                dist.destroy_process_group()
+
+
+def joined() -> bool:
+    """Whether this process joined a process group in `init_from_env` (even one since destroyed)."""
+    return _joined
+
+
+def leave(status: int) -> NoReturn:
+    """End a process of a distributed run now, with `status`, without the interpreter's teardown.
+
+    At interpreter exit gloo's and c10d's C++ objects are destroyed while the peers close their
+    connections at the same moment; a thread still joinable there aborts the process (SIGABRT,
+    "terminate called without an active exception"). That turned finished runs into failures, and
+    torchrun's agent of the other node, whose worker had succeeded, then waited for this one in its
+    exit barrier (5 minutes) instead of exiting. Nothing is lost by skipping the teardown: a
+    checkpoint is fsynced and renamed into place before the save returns, metric lines are written
+    and closed one by one, the run-folder lock is a flock the kernel drops, and the streams are
+    flushed here. Call it only once the work is done or has failed (after `cleanup`).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(status)
 
 
 @torch.no_grad()

@@ -4,7 +4,9 @@ For a query q, take the k training features with the largest cosine similarity s
 by exp(s_j / tau) and sum the weights per class; the class with the largest sum wins. NPID uses
 k = 200 and tau = its training temperature. Queries are processed in chunks so that memory stays
 bounded (a 1,000,000-row bank is fine); the top-k is taken once for the largest k, so a sweep
-over several k and tau costs one similarity pass.
+over several k and tau costs one similarity pass. The chunks' similarities go into one buffer
+allocated once: a fresh (chunk, N) block per chunk costs its page faults again each time, on a
+CPU a good part of the matmul's own time (benchmarks/knn_speed.py).
 """
 
 from __future__ import annotations
@@ -93,9 +95,12 @@ def knn_sweep(
     bank_labels = bank_labels.to(bank.device)
     k_max = ks[-1]
     out = {(k, t): [] for k in ks for t in ts}
-    step = _chunk_rows(n, chunk_size)
+    step = min(_chunk_rows(n, chunk_size), max(query.shape[0], 1))
+    buffer = torch.empty(step, n, device=bank.device)  # (step, N), reused by every chunk
+    bank_t = bank.t()  # (D, N), a view
     for start in range(0, query.shape[0], step):
-        sims = query[start : start + step] @ bank.t()  # (q, N)
+        rows = min(step, query.shape[0] - start)
+        sims = torch.mm(query[start : start + rows], bank_t, out=buffer[:rows])  # (q, N)
         top_s, top_i = sims.topk(k_max, dim=1)  # (q, k_max), sorted descending
         top_y = bank_labels[top_i]  # (q, k_max)
         for key, scores in scores_from_neighbours(top_s, top_y, ks=ks, ts=ts, num_classes=c).items():
