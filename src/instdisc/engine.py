@@ -36,10 +36,10 @@ from instdisc.errors import DataError
 from instdisc.features import extract_features
 from instdisc.guard import NonFiniteGuard
 from instdisc.loader import TrainLoader, make_order, step_seed
+from instdisc.loggers import open_loggers
 from instdisc.methods import EpochContext, Method, StepOutput
 from instdisc.methods import build as building
 from instdisc.methods.build import build_method  # noqa: F401  (its home is methods.build; kept importable here)
-from instdisc.loggers import open_loggers
 from instdisc.progress import Progress
 from instdisc.quality import QualityState, measure
 from instdisc.rundir import (
