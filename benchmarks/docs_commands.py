@@ -13,6 +13,9 @@ substitutions, each one recorded in the table:
 * the placeholders RUN / RUN_DIR -> runs/digits (the README's first command trains it), C.yaml ->
   configs/npid_digits.yaml, `...` dropped (or PATH where a flag needs a value), `[--full]` ->
   --full;
+* a size set for a larger training set than digits' 1,437 images (a CIFAR-10 preset's --nce-k
+  4096, PIC's --window 5000 or --queue-size 65536: the methods refuse them on 1,437 images) -> the value the method
+  chooses itself for 1,437 images;
 * a training preset of more than 10 epochs (other than the digits preset) gets `--epochs 1`
   (`linear --augmented --epochs 100` gets `--epochs 2`): the command's flags are all exercised,
   its recipe's number is not what this measures.
@@ -180,6 +183,43 @@ NEEDS = [  # (pattern on the command as written, why it is not run here)
     (r"lemniscate_resnet50\.pth", "needs the released NPID weights file (docs/evaluation.md, released weights)"),
 ]
 PLACEHOLDER_RUNS = {"RUN", "RUN_DIR"}
+DIGITS_TRAIN = 1437  # images in digits' training split
+
+
+def digits_sizes(argv: list[str]) -> list[tuple[str, str, str]]:
+    """(flag, value, note) for each size a training command sets for a larger set than digits
+    (e.g. a CIFAR-10 preset's --nce-k 4096): the value the method chooses itself for 1,437 images
+    (`fill_defaults`), as it would with the flag left out."""
+    from instdisc.cli import _train_parser
+    from instdisc.config import load_preset
+    from instdisc.methods import resolve_config
+
+    rest = argv[1:]
+    config = _flag(rest, "--config")
+    preset = load_preset(ROOT / config) if config and (ROOT / config).is_file() else {}
+    method = _flag(rest, "--method") or preset.get("method") or "npid"
+    args = _train_parser(method).parse_args(rest)
+    cfg = resolve_config(preset, {k: v for k, v in vars(args).items() if "." in k}, method)
+    out = []
+    m = cfg.method
+    for name in ("nce_k", "queue_size"):  # refused at N or more (MoCo's queue is not: stale keys, no error)
+        given = getattr(m, name, None)
+        if given is None or given < DIGITS_TRAIN:
+            continue
+        setattr(m, name, None)
+        fill = getattr(m, "fill_defaults", None)
+        if fill is not None:
+            fill(DIGITS_TRAIN, 10)
+        new = getattr(m, name)
+        new = 0 if new is None else new  # 0: every image / class (the methods' own advice in their errors)
+        flag = "--" + name.replace("_", "-")
+        out.append((flag, str(new), f"{flag} {given} -> {new} (sized for more than {DIGITS_TRAIN:,} images)"))
+    d = cfg.data
+    if d.sampler == "sliding" and d.window > DIGITS_TRAIN:
+        w = DIGITS_TRAIN // 10
+        out.append(("--window", str(w), f"--window {d.window} -> {w} (N // 10)"))
+        out.append(("--stride", str(max(w // 8, 1)), f"--stride {d.stride} -> {max(w // 8, 1)}"))
+    return out
 
 
 def make_imagefolder(dst: Path, per_class: int = 8) -> Path:
@@ -247,6 +287,10 @@ def plan(cmd: DocCommand) -> tuple[list[str] | None, list[str]]:
         if epochs > 10 and config != "configs/npid_digits.yaml" and "--resume" not in out:
             out += ["--epochs", "1"]
             notes.append(f"epochs {epochs} -> 1")
+        if "--resume" not in out:
+            for flag, value, note in digits_sizes(out):
+                out += [flag, value]
+                notes.append(note)
     if out[0] == "linear" and "--augmented" in out and _flag(out, "--epochs") not in (None, "1", "2"):
         k = out.index("--epochs")
         notes.append(f"--epochs {out[k + 1]} -> 2")

@@ -261,3 +261,13 @@ def test_report_heads_with_the_run_name_prints_plain_values_and_the_command_that
     a, b = json.loads((run / "config.json").read_text()), json.loads((new / "config.json").read_text())
     a["run"].pop("out"), b["run"].pop("out")
     assert a == b
+
+
+def test_the_rerun_line_of_a_multi_process_run_uses_torchrun():
+    from instdisc.report import rerun_command
+
+    cmd = {"argv": ["instdisc", "train", "--config", "c.yaml", "--out=runs/x"], "cwd": "/w d", "world_size": 2, "nodes": 1}
+    assert rerun_command(cmd, "runs/x-rerun") == (
+        "cd '/w d' && torchrun --standalone --nproc_per_node=2 -m instdisc train --config c.yaml --out=runs/x-rerun")
+    two_nodes = {**cmd, "world_size": 16, "nodes": 2}
+    assert "torchrun --nnodes=2 --nproc_per_node=8 -m instdisc" in rerun_command(two_nodes)

@@ -431,7 +431,10 @@ def record_command(run_dir: str | Path, argv: list[str], *, world_size: int = 1,
     path = run / COMMAND_FILE
     if (resumed and path.is_file()) or not any((checkpoint_dir(run) / f).is_file() for f in (LAST, PREV)):
         return
+    # torchrun and srun tell each process how many run on its node: one node -> a standalone launch
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or str(world_size)
     payload = {"argv": ["instdisc", "train", *map(str, argv)], "cwd": os.getcwd(), "world_size": int(world_size),
+               "nodes": max(1, int(world_size) // max(1, int(local))) if local.isdigit() else None,
                "resumed": bool(resumed), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_text(path, json.dumps(payload, indent=2))
 
@@ -468,7 +471,10 @@ def rerun_command(cmd: dict[str, Any], out: str | None = None) -> str:
         argv = new
     world = int(cmd.get("world_size", 1) or 1)
     if world > 1 and argv[:1] == ["instdisc"]:
-        argv = ["torchrun", f"--nproc_per_node={world}", "-m", "instdisc", *argv[1:]]
+        nodes = cmd.get("nodes")
+        launch = ["--standalone", f"--nproc_per_node={world}"] if nodes == 1 else [
+            f"--nnodes={nodes}", f"--nproc_per_node={world // nodes}"] if nodes else [f"--nproc_per_node={world}"]
+        argv = ["torchrun", *launch, "-m", "instdisc", *argv[1:]]
     line = shlex.join(argv)
     return f"cd {shlex.quote(str(cmd['cwd']))} && {line}" if cmd.get("cwd") else line
 
@@ -493,7 +499,10 @@ def command_html(run: Path) -> str:
     rerun = rerun_command(cmd, (out.rstrip("/") + "-rerun") if out else None)
     when = html.escape(str(cmd.get("date", "")))
     procs = int(cmd.get("world_size", 1) or 1)
-    how = f", {procs} processes (torchrun; nodes are not recorded)" if procs > 1 else ""
+    nodes = cmd.get("nodes")
+    how = (f", {procs} processes on {nodes} node(s)" if nodes else f", {procs} processes") if procs > 1 else ""
+    if procs > 1 and nodes and nodes > 1:
+        how += "; run the torchrun line on every node, with its rendezvous flags"
     resumed = (" This is the command of a later launch that continued the run (the first one was not recorded)."
                if cmd.get("resumed") else "")
     return (f"<h2>Command</h2><p class='sub'>the command that started this run ({when}{how}).{resumed}</p>"
