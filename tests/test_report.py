@@ -271,3 +271,11 @@ def test_the_rerun_line_of_a_multi_process_run_uses_torchrun():
         "cd '/w d' && torchrun --standalone --nproc_per_node=2 -m instdisc train --config c.yaml --out=runs/x-rerun")
     two_nodes = {**cmd, "world_size": 16, "nodes": 2}
     assert "torchrun --nnodes=2 --nproc_per_node=8 -m instdisc" in rerun_command(two_nodes)
+
+
+def test_chart_ticks_of_a_narrow_range_stay_distinct():
+    from instdisc.visual import svg_line_chart
+
+    svg = ET.fromstring(svg_line_chart({"loss": ([1, 2, 3], [3.165, 3.17, 3.172])}, title="loss"))
+    labels = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text") if t.get("text-anchor") == "end"]
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels

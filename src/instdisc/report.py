@@ -3,15 +3,18 @@
 The page holds everything inline (images as base64 PNG, charts as SVG, no external files, no
 network), so it can be mailed or archived alone:
 
-* the run's configuration and its final numbers;
+* the run's configuration and its final numbers, every value written by `visual.format_number`;
+* the command that started the run (RUN_DIR/command.json, `record_command`) and a line that
+  trains it again into a new folder;
 * training curves from metrics.jsonl: loss and learning rate per logged step, the kNN monitor per
   epoch, and a chart for every other number the method logs per epoch (SeLa's NMI, label
-  accuracy...);
+  accuracy...), one line per head for numbers logged per head; numbers logged once or constant
+  are a table;
 * the evaluation tables found in RUN_DIR/eval/ (written by `instdisc knn/linear/lowshot/stages`
   on the run), plus a kNN sweep computed here (cheap once the features are cached);
   `--full` also runs the linear probe, low-shot and per-stage protocols;
-* a neighbour grid (test queries and their 20 nearest training images) and a 2-D map of the test
-  embedding;
+* a neighbour grid (test queries and their 20 nearest training images, with their similarities)
+  and a 2-D map of the test embedding (t-SNE up to 5,000 points, PCA above);
 * cluster grids and metrics for methods with pseudo-labels (SeLa), drawn with `instdisc.cluster`,
   and any PNG under RUN_DIR/figures/ or RUN_DIR/clusters/ (`instdisc clusters` writes there).
 

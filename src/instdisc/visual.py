@@ -271,9 +271,19 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
-def _fmt(v: float) -> str:
-    """An axis tick: a whole number without decimals, any other through `format_number`."""
-    return format_number(int(v)) if float(v).is_integer() and abs(v) < 1e15 else format_number(float(v))
+def _tick_labels(ticks: list[float]) -> list[str]:
+    """Axis labels: as many decimals as the tick step needs (3.166, 3.168, ... stay distinct, which
+    `format_number`'s two decimals would merge), `format_number` for whole, huge or tiny values."""
+    if len(ticks) < 2:
+        return [format_number(int(t)) if float(t).is_integer() and abs(t) < 1e15 else format_number(t) for t in ticks]
+    step = min(abs(b - a) for a, b in zip(ticks, ticks[1:]))
+    if all(float(t).is_integer() for t in ticks) and max(abs(t) for t in ticks) < 1e15:
+        return [format_number(int(t)) for t in ticks]
+    if step < 1e-4 or max(abs(t) for t in ticks) >= 1e5:
+        return [format_number(float(t)) for t in ticks]
+    dec = max(0, -math.floor(math.log10(step) + 1e-9))
+    dec += 0 if round(step * 10**dec, 6).is_integer() else 1  # a 2.5 x 10^k step needs one more
+    return [f"{t:,.{dec}f}" for t in ticks]
 
 
 def svg_line_chart(
@@ -324,13 +334,15 @@ def svg_line_chart(
         return top + ph - (y - y0) / (y1 - y0) * ph
 
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>')
-    for t in _nice_ticks(y0, y1):
+    yt = _nice_ticks(y0, y1)
+    for t, label in zip(yt, _tick_labels(yt), strict=True):
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
         parts.append(f'<text x="{left - 4}" y="{sy(t) + 4:.1f}" font-size="10" text-anchor="end" '
-                     f'font-family="sans-serif">{_fmt(t)}</text>')
-    for t in _nice_ticks(x0, x1):
+                     f'font-family="sans-serif">{label}</text>')
+    xt = _nice_ticks(x0, x1)
+    for t, label in zip(xt, _tick_labels(xt), strict=True):
         parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 14}" font-size="10" text-anchor="middle" '
-                     f'font-family="sans-serif">{_fmt(t)}</text>')
+                     f'font-family="sans-serif">{label}</text>')
     if xlabel:
         parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" font-size="11" text-anchor="middle" '
                      f'font-family="sans-serif">{esc(xlabel)}</text>')
