@@ -276,7 +276,7 @@ def _tick_labels(ticks: list[float]) -> list[str]:
     `format_number`'s two decimals would merge), `format_number` for whole, huge or tiny values."""
     if len(ticks) < 2:
         return [format_number(int(t)) if float(t).is_integer() and abs(t) < 1e15 else format_number(t) for t in ticks]
-    step = min(abs(b - a) for a, b in zip(ticks, ticks[1:]))
+    step = min(abs(b - a) for a, b in zip(ticks, ticks[1:], strict=False))
     if all(float(t).is_integer() for t in ticks) and max(abs(t) for t in ticks) < 1e15:
         return [format_number(int(t)) for t in ticks]
     if step < 1e-4 or max(abs(t) for t in ticks) >= 1e5:
