@@ -211,7 +211,8 @@ def digits_sizes(argv: list[str]) -> list[tuple[str, str, str]]:
         if fill is not None:
             fill(DIGITS_TRAIN, 10)
         new = getattr(m, name)
-        new = 0 if new is None else new  # 0: every image / class (the methods' own advice in their errors)
+        if new is None:  # no rule of the method's own: the largest power of two <= N / 2 (MoCo's queue rule)
+            new = 1 << ((DIGITS_TRAIN // 2).bit_length() - 1)
         flag = "--" + name.replace("_", "-")
         out.append((flag, str(new), f"{flag} {given} -> {new} (sized for more than {DIGITS_TRAIN:,} images)"))
     d = cfg.data
