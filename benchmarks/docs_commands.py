@@ -118,16 +118,20 @@ def extract(paths: list[Path] = DOCS) -> list[DocCommand]:
 
 
 def normalise(argv: list[str]) -> list[str]:
-    """The doc's shorthand made literal: `[--full]` -> --full, `...` dropped (PATH after a flag
-    that needs a value)."""
+    """The doc's shorthand made literal: an optional part `[--full]` or `[--index DIR]` is given,
+    of alternatives `IMG|DIR` the first, `...` dropped (PATH after a flag that needs a value)."""
     out: list[str] = []
     for a in argv:
         if a == "...":
             if out and out[-1].startswith("--"):
                 out.append("PATH")
             continue
-        if a.startswith("[") and a.endswith("]"):
-            a = a[1:-1]
+        if a.startswith("[") and len(a) > 1:
+            a = a[1:]
+        if a.endswith("]") and len(a) > 1:
+            a = a[:-1]
+        if "|" in a and not a.startswith("-"):
+            a = a.split("|", 1)[0]
         out.append(a)
     return out
 

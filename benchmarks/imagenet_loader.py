@@ -168,14 +168,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         stats = make_folder(root, args.images, args.seed)
         print(f"generated {stats} in {time.perf_counter() - t0:.1f} s")
-        images = open_source(str(root), "train", in_memory=False, progress=False)
+        images = open_source(str(root), "train", stream=True, progress=False)
         assert isinstance(images, FileImageSet)
         paths = [images.path(i) for i in range(len(images))]
         prepared: dict[str, FileImageSet] = {}
         for side in args.max_side:
             dst = Path(tmp) / f"prepared-{side}"
             print(prepare(str(root), dst, max_side=side, workers=0, progress=False).format())
-            copy = open_source(str(dst), "train", in_memory=False, progress=False)
+            copy = open_source(str(dst), "train", stream=True, progress=False)
             assert isinstance(copy, FileImageSet), "the copy must stay a streamed source for this comparison"
             prepared[f"instdisc_prepared_{side}"] = copy
             paths_all = [copy.path(i) for i in range(len(copy))]

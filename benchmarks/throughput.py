@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from instdisc.augment import augment
-from instdisc.engine import NonFiniteGuard, autocast_dtype, build_method
+from instdisc.engine import autocast_dtype, build_method
+from instdisc.guard import NonFiniteGuard
 from instdisc.loader import TrainLoader
 from instdisc.methods import resolve_config
 from instdisc.sources import open_source

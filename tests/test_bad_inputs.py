@@ -84,6 +84,13 @@ def world(tmp_path_factory):
     pickled = d / "pickled" / "checkpoints"
     pickled.mkdir(parents=True)
     torch.save({**ck, "extra": argparse.Namespace(a=1)}, pickled / "last.pt")
+    # for `search`: a good query image, a fake one, a text file, an empty folder
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(d / "q.png")
+    (d / "fake.png").write_bytes(b"not a png at all")
+    (d / "notes.txt").write_text("not an image\n")
+    (d / "emptydir").mkdir()
     return {"d": d, "run": run, "tr": d / "tr.npy", "te": d / "te.npy", "nanrun": nanrun}
 
 
@@ -135,6 +142,17 @@ CASES = [
     ("neighbors {run} --out {d}/garbage.pt/nn.png", "--out"),
     ("neighbors {run} --out {d}/nn.png --ids 99999", "outside the test set"),
     ("map {run} --out {d}/m.png --max-points 0", "--max-points"),
+    ("search {run} --query {d}/missing.png --out {d}/s", "--query"),
+    ("search {run} --query {d}/emptydir --out {d}/s", "--query"),
+    ("search {run} --query {d}/fake.png --out {d}/s", "--query"),
+    ("search {run} --query {d}/notes.txt --out {d}/s", "--query"),
+    ("search {run} --query {d}/q.png --index {d}/emptydir --out {d}/s", "--index"),
+    ("search {run} --query {d}/q.png --index {d}/missing-folder --out {d}/s", "--index"),
+    ("search {run} --query {d}/q.png --out {d}/s -k 0", "-k"),
+    ("search {run} --query {d}/q.png --out {d}/s -k 5000", "-k 5000"),
+    ("search {run} --query {d}/q.png --out {d}/garbage.pt", "--out"),
+    ("search {d}/emptydir --query {d}/q.png --out {d}/s", "no checkpoint"),
+    ("search {run} --out {d}/s", "--query"),
     ("report {run} --out {d}", "--out"),
     ("report {run} --data {d}/missing-folder", "not found"),
     ("clusters {run} --top 0", "--top"),

@@ -133,11 +133,11 @@ def test_resume_auto_starts_in_an_empty_or_unsaved_folder_and_refuses_anything_e
 
 
 def test_ckpt_every_epochs_saves_every_nth_epoch_the_last_and_at_a_stop(tmp_path, cache, monkeypatch):
-    import instdisc.engine as engine
+    import instdisc.rundir as rundir
 
     saved = []
-    real = engine.save_checkpoint
-    monkeypatch.setattr(engine, "save_checkpoint", lambda d, st: saved.append(dict(st["state"])) or real(d, st))
+    real = rundir.save_checkpoint
+    monkeypatch.setattr(rundir, "save_checkpoint", lambda d, st: saved.append(dict(st["state"])) or real(d, st))
     # 6 steps per epoch; 5 epochs, every 2nd: after epochs 2, 4 and the last (5).
     assert train(tmp_path / "a", "--epochs", "5", "--ckpt-every-epochs", "2", "--knn-every", "0") == 0
     assert [s["epoch"] for s in saved] == [2, 4, 5]

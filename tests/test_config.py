@@ -65,3 +65,25 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_unknown_method():
     with pytest.raises(ConfigError):
         resolve_config({}, {}, "simclr2000")
+
+
+def test_what_a_resume_may_change_is_read_from_the_fields_metadata(monkeypatch):
+    from dataclasses import field, make_dataclass
+
+    from instdisc import config
+    from instdisc.errors import UserError
+    from instdisc.rundir import resume_config
+
+    stored = resolve_config({"epochs": 4, "milestones": [2], "lr": 0.03, "device": "cpu", "log_every": 5}, {}, "npid")
+    flags = parse(["--epochs", "6", "--milestones", "2", "--device", "auto"])  # "change" and "launch" given
+    merged = resume_config(resolve_config({}, flags, "npid"), stored, flags)
+    assert (merged.optim.epochs, merged.run.device, merged.optim.lr, merged.run.log_every) == (6, "auto", 0.03, 5)
+    flags = parse(["--lr", "0.1"])
+    with pytest.raises(UserError, match="lr was 0.03"):
+        resume_config(resolve_config({}, flags, "npid"), resolve_config({"lr": 0.03}, {}, "npid"), flags)
+    # Marking the field is all it takes: the same flag is then taken, not refused.
+    cfg, stored = resolve_config({}, flags, "npid"), resolve_config({"lr": 0.03}, {}, "npid")
+    marked = make_dataclass("OptimConfig", [("lr", float, field(default=0.03, metadata={"resume": "change"}))])
+    monkeypatch.setitem(config.SECTIONS, "optim", marked)
+    assert config.resume_rules()["optim.lr"] == "change"
+    assert resume_config(cfg, stored, flags).optim.lr == 0.1

@@ -44,6 +44,8 @@ def test_the_check_accepts_the_doc_shorthand():
     assert dc.check_parses(["report", "RUN_DIR", "[--full]"]) is None
     assert dc.check_parses(["train", "--method", "pic", "--sampler", "sliding", "..."]) is None
     assert dc.normalise(["train", "--data", "...", "--out", "R", "..."]) == ["train", "--data", "PATH", "--out", "R"]
+    assert dc.normalise(["search", "R", "--query", "IMG|DIR", "[--index", "DIR]"]) == [
+        "search", "R", "--query", "IMG", "--index", "DIR"]
 
 
 def test_extraction_reads_fenced_and_indented_blocks_and_nothing_else(tmp_path):

@@ -47,11 +47,11 @@ class _FakeWriter:
 def test_metric_log_mirrors_numbers_to_tensorboard(tmp_path, monkeypatch):
     import json
 
-    from instdisc import engine
+    from instdisc import rundir
 
     fake = _FakeWriter()
-    monkeypatch.setattr(engine, "tensorboard_writer", lambda log_dir: fake)
-    log = engine.MetricLog(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(rundir, "tensorboard_writer", lambda log_dir: fake)
+    log = rundir.MetricLog(tmp_path / "metrics.jsonl")
     log.write(type="step", step=20, epoch=0, lr=0.03, loss=7.5)
     log.write(type="epoch", step=390, epoch=1, knn_top1=31.8, note="text is not a scalar", ok=True)
     assert fake.scalars == [
@@ -66,7 +66,7 @@ def test_metric_log_mirrors_numbers_to_tensorboard(tmp_path, monkeypatch):
 def test_tensorboard_is_optional(tmp_path):
     import importlib.util
 
-    from instdisc.engine import tensorboard_writer
+    from instdisc.rundir import tensorboard_writer
 
     w = tensorboard_writer(tmp_path / "tb")
     assert (w is None) == (importlib.util.find_spec("tensorboard") is None)

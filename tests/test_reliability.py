@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from instdisc import checkpoint as ckpt_mod
-from instdisc import engine
+from instdisc import engine, rundir
 from instdisc.checkpoint import load_checkpoint, save_checkpoint
 from instdisc.cli import main
 from instdisc.config import TrainConfig, load_preset
@@ -351,7 +351,7 @@ def test_global_random_generators_and_data_order_continue_across_resume(tmp_path
     assert train(part, "npid", "--resume") == 0
     assert [d[0] for d in full] == [0, 1] and draws == full
     assert load_checkpoint(part)["sampler"] == {"epoch": EPOCHS, "position": 0,
-                                                "order_crc32": engine.order_fingerprint(make_order(
+                                                "order_crc32": rundir.order_fingerprint(make_order(
                                                     "shuffle", N, seed=0, batch_size=BATCH)(EPOCHS))}
 
     def other_order(ck):
@@ -777,7 +777,7 @@ def test_full_disk_while_logging_and_exporting(tmp_path, monkeypatch, capsys):
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_open(path, mode, *a, **k)
 
-    monkeypatch.setattr(engine, "open", fake_open, raising=False)
+    monkeypatch.setattr(rundir, "open", fake_open, raising=False)
     run = tmp_path / "run"
     assert train(run) == 2
     assert "could not append to" in capsys.readouterr().err

@@ -20,7 +20,7 @@ SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 HOLD = """
 import sys, time
 from pathlib import Path
-from instdisc.engine import RunLock
+from instdisc.rundir import RunLock
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 RunLock(out).acquire()
 print("locked", flush=True)
@@ -102,7 +102,7 @@ def test_demo_refuses_a_training_run_but_replaces_an_earlier_demo(tmp_path, caps
 def test_the_lock_is_released_when_training_fails(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), *TINY, "--lr", "1e30", "--aug-size", "16"]) in (0, 2)
-    from instdisc.engine import RunLock
+    from instdisc.rundir import RunLock
 
     lock = RunLock(out)
     lock.acquire()  # would raise if the failed run still held it

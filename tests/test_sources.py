@@ -32,6 +32,7 @@ from instdisc.sources import (
     fit_image,
     layouts,
     open_source,
+    plans,
     trees,
 )
 
@@ -645,6 +646,47 @@ def test_stream_read_of_file_that_went_bad(tmp_path, cache):
         s.read(0)
 
 
+def test_stream_is_the_new_name_of_not_in_memory(tmp_path, cache):
+    # `stream` (how a source is read) no longer shares its name with training's --in-memory (where
+    # a set is held); the old keyword stays an alias in the opposite sense.
+    root = write_tree(tmp_path / "ds")
+    assert isinstance(open_source(str(root), cache_dir=cache, stream=True), FileImageSet)
+    assert isinstance(open_source(str(root), cache_dir=cache, in_memory=False), FileImageSet)
+    assert isinstance(open_source(str(root), cache_dir=cache, stream=False), ArrayImageSet)
+    with pytest.raises(DataError, match="contradicts"):
+        open_source(str(root), cache_dir=cache, stream=True, in_memory=True)
+
+
+def test_other_split_prefetch_is_an_explicit_argument(tmp_path, cache):
+    arch = make_tar(tmp_path / "ds.tar.gz", write_tree(tmp_path / "ds"), None)
+    open_source(str(arch), "train", cache_dir=cache, prefetch_other=False)
+    assert len(list((cache / "arrays").glob("*-test-*.json"))) == 0
+    assert open_source(str(arch), "test", cache_dir=cache).meta["cached"] is False
+
+
+def test_the_plan_is_what_open_source_reads(tmp_path, cache, monkeypatch):
+    # One dispatch: the key a plan names is the cache entry open_source writes, for every kind,
+    # and an archive's key is known before the archive is listed (so a hit never lists it).
+    root = write_tree(tmp_path / "ds")
+    specs = {"folder": root, "archive": make_zip(tmp_path / "ds.zip", root, None), "synthetic": "synthetic:8"}
+    for kind, spec in specs.items():
+        for split in ("train", "test"):
+            plan = sources.resolve(str(spec), split, cache_dir=cache)
+            assert plan.kind == kind and plan.split == split
+            if kind == "archive":
+                with monkeypatch.context() as m:
+                    m.setattr(plans, "_open_archive", _no_decode)
+                    key = plan.key
+            else:
+                key = plan.key
+            plan.close()
+            assert open_source(str(spec), split, cache_dir=cache).meta["cache_key"] == key
+    folder = sources.resolve(str(root), "test", cache_dir=cache)
+    assert folder.sel.names == sorted(folder.sel.names, key=lambda n: (n.split("/")[1], n))  # classes, then files
+    assert not folder.arrays_built and len(folder.sel.names) == len(TREE["test"]["zebra"]) + 3
+    folder.close()
+
+
 def test_small_images_streamed_on_request(tmp_path, cache):
     root = write_tree(tmp_path / "ds")
     s = open_source(str(root), cache_dir=cache, in_memory=False, image_size=8)
@@ -682,10 +724,10 @@ def test_cache_hit_does_not_decode_and_is_fast(tmp_path, cache, monkeypatch):
     first = {spec: open_source(spec, cache_dir=cache) for spec in (str(src), str(arch))}
     first["synthetic"] = open_source("synthetic", cache_dir=cache)
     # patched where they are looked up: decode_image by the decoding of whole splits, the other
-    # two by open_source's dispatch in the package itself
+    # two by the one dispatch on a spec (sources.plans)
     monkeypatch.setattr(decode, "decode_image", _no_decode)
-    monkeypatch.setattr(sources, "_make_synthetic", _no_decode)
-    monkeypatch.setattr(sources, "_open_archive", _no_decode)  # an archive hit does not even list it
+    monkeypatch.setattr(plans, "_make_synthetic", _no_decode)
+    monkeypatch.setattr(plans, "_open_archive", _no_decode)  # an archive hit does not even list it
     for spec, s1 in first.items():
         t = time.perf_counter()
         s2 = open_source(spec, cache_dir=cache)

@@ -4,6 +4,7 @@
   instdisc embed RUN_DIR_OR_CHECKPOINT --data SOURCE --split train|test --out FILE.npy
   instdisc knn|linear|lowshot RUN_DIR_OR_CHECKPOINT | --train FILE.npy --test FILE.npy
   instdisc stages|neighbours|map RUN_DIR_OR_CHECKPOINT    (also released weights: instdisc weights FILE)
+  instdisc search RUN_DIR --query IMG|DIR [--index DATA] [-k 20] --out DIR   (HTML page + CSV of retrievals)
   instdisc report RUN_DIR
   instdisc export RUN_DIR_OR_WEIGHTS --format torchvision|timm|detectron2|safetensors|onnx|torch-export --out FILE
   instdisc clusters RUN_DIR                               (SeLa: pseudo-label metrics, files, grid)
@@ -154,11 +155,11 @@ def resume_mode(text: str) -> str:
 
 def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
     """The method decides which flags exist, and may come from the config file or, on --resume,
-    from the run itself: find it first. -> (method, config path, the TrainConfig of the run to
-    resume or None). With ``--resume auto`` that run is None when this launch starts the run
-    (`engine.resume_auto` decides)."""
+    from the run itself: find it first. -> (method, config path, (TrainConfig, checkpoint) of the
+    run to resume, or None). With ``--resume auto`` that run is None when this launch starts the run
+    (`rundir.resume_auto` decides)."""
     from instdisc.config import RunConfig, load_preset
-    from instdisc.methods import read_run
+    from instdisc.rundir import read_resume, resume_auto
 
     pre = Parser(add_help=False)
     pre.add_argument("--method", dest="run.method", default=None)
@@ -171,14 +172,12 @@ def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
     stored = None
     out = getattr(ns, "run.out") or preset.get("out") or RunConfig().out
     if ns.resume == "auto":
-        from instdisc.engine import resume_auto
-
         resuming = resume_auto(Path(out).expanduser().resolve())
     else:
         resuming = bool(ns.resume)
     if resuming:
-        stored = read_run(out)[0]
-        method = method or stored.run.method  # the run's own method: --resume needs no --method
+        stored = read_resume(out)  # (config, checkpoint): read once, handed on to fit
+        method = method or stored[0].run.method  # the run's own method: --resume needs no --method
     return method or "npid", ns.config, stored
 
 
@@ -234,7 +233,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     from instdisc import dist
     from instdisc.config import absolute_paths, load_preset
     from instdisc.engine import fit
-    from instdisc.methods import read_run, resolve_config
+    from instdisc.methods import resolve_config
+    from instdisc.rundir import resume_config
 
     method, config_path, stored_run = _pre_parse(argv)
     from instdisc.methods import METHODS
@@ -251,43 +251,13 @@ def cmd_train(argv: Sequence[str]) -> int:
         raise UserError("--resume auto and --overwrite contradict each other: --resume auto never replaces a run.")
     # --resume auto starting the run: what a launch stopped before its first checkpoint left is replaced.
     resume, overwrite = (stored_run is not None, stored_run is None) if auto else (args.resume, args.overwrite)
-    if resume:
-        # The run's own config wins. Flags of this invocation only (device, progress, an early
-        # stop) come from the command line; a few more may be changed on purpose (e.g. --epochs to
-        # extend a run; --data for the same images at another path: fit compares their
-        # fingerprint); anything that would change the maths is refused.
-        stored = stored_run if stored_run is not None else read_run(cfg.run.out)[0]
-        absolute_paths(stored)
-        invocation = {"run.device", "run.progress", "run.max_steps", "data.workers", "data.cache_dir", "run.out",
-                      "run.dist_timeout", "data.data"}
-        changeable = {"optim.epochs", "run.log_every", "run.knn_every", "run.knn_subset", "run.ckpt_every_steps",
-                      "run.ckpt_every_epochs",
-                      "run.skip_nonfinite", "run.time_limit", "optim.optimizer_impl", "data.in_memory",
-                      "data.drop_unknown_classes"}
-        current, saved = cfg.to_dict(), stored.to_dict()
-        if cfg.run.method != stored.run.method:  # the other method's own flags are not comparable
-            raise UserError(
-                f"--resume: method was {stored.run.method!r} in this run; it cannot change to "
-                f"{cfg.run.method!r}. Start a new run (another --out) instead."
-            )
-        for dest in flags:
-            sec, name = dest.split(".", 1)
-            if dest not in invocation | changeable and current[sec][name] != saved[sec][name]:
-                raise UserError(
-                    f"--resume: {name} was {saved[sec][name]!r} in this run; it cannot change to "
-                    f"{current[sec][name]!r}. Start a new run (another --out) instead."
-                )
-        for dest in invocation | (changeable & set(flags)):
-            if dest == "data.data" and dest not in flags:
-                continue
-            sec, name = dest.split(".", 1)
-            setattr(getattr(stored, sec), name, getattr(getattr(cfg, sec), name))
-        cfg = stored
+    if resume:  # the run's own config wins, with what the fields let a resume change (config.resume_rules)
+        cfg = resume_config(cfg, stored_run[0], flags)
     timeout = _dist_timeout(cfg.run.dist_timeout, given="run.dist_timeout" in flags)
     env = dist.init_from_env(cfg.run.device, timeout_s=timeout)
     ok = False
     try:
-        metrics = fit(cfg, env, resume=resume, overwrite=overwrite)
+        metrics = fit(cfg, env, resume=resume, overwrite=overwrite, checkpoint=stored_run[1] if resume else None)
         ok = True
     except RuntimeError as e:
         if not (env.distributed and _is_peer_failure(e)):
@@ -421,6 +391,19 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
     _save_image(img, args.out)
     print(caption)
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from instdisc.search import check_out_dir, search, write_results
+
+    check_out_dir(args.out)
+    res = search(args.run, args.query, index=args.index, k=args.k, backend=args.backend, device=args.device,
+                 batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=True)
+    print(f"{len(res.query_names)} queries, {res.indices.shape[1]} nearest of {len(res.index)} index images "
+          f"({res.index.name}; index features {'from the cache' if res.cached else 'computed'})")
+    for p in write_results(res, args.out):
+        print(f"wrote {p}")
     return 0
 
 
@@ -615,6 +598,30 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--queries", type=positive_int, default=8, help="number of random queries (default 8)")
     nb.add_argument("-k", type=positive_int, default=20, help="neighbours per query (default 20)")
     nb.set_defaults(func=cmd_neighbours)
+
+    se = sub.add_parser("search", help="the nearest index images of each query image: an HTML page and a CSV",
+                        description="For each query image, its -k nearest images of the index by cosine similarity "
+                                    "of the embedding. Writes DIR/index.html (thumbnails, file names, similarities; "
+                                    "DIR/thumbs/ beside it, no network needed), DIR/results.csv (query, rank, index, "
+                                    "file, similarity). The index's features are cached under RUN_DIR/eval/features, "
+                                    "so a second search embeds only the queries. Folders may be unlabelled.")
+    se.add_argument("run", help="run directory or checkpoint (or released weights, with --index)")
+    se.add_argument("--query", required=True, help="an image file, or a folder (or archive) of images, with or "
+                                                   "without class folders (with train/ and test/: its train/)")
+    se.add_argument("--index", default=None, help="the images searched, any --data source (its train split), e.g. "
+                                                  "an unlabelled folder of images (default: the run's training data)")
+    se.add_argument("-k", type=positive_int, default=20, help="retrievals per query, at most the index's size "
+                                                              "(default 20)")
+    se.add_argument("--out", required=True, help="output folder (made if absent): index.html, results.csv, thumbs/")
+    se.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto",
+                    help="neighbour search: exact torch top-k, or faiss's exact index; auto = faiss (if installed) "
+                         "for indexes of 2,000,000+ images")
+    se.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+    se.add_argument("--device", default="auto", help=DEVICE_HELP)
+    se.add_argument("--cache-dir", default=None, help=CACHE_HELP)
+    se.add_argument("--no-cache", action="store_true", help="do not reuse or write the index's features in "
+                                                            "RUN_DIR/eval/features")
+    se.set_defaults(func=cmd_search)
 
     mp = sub.add_parser("map", help="PNG: 2-D map (PCA or t-SNE) of the test embedding, coloured by label")
     features_args(mp, files=False)

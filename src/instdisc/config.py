@@ -29,7 +29,7 @@ from instdisc.errors import ConfigError, InstdiscWarning
 class DataConfig:
     data: str = field(
         default="digits",
-        metadata={"help": "digits | synthetic[:N] | cifar10 | cifar100 | a folder | a .tar/.tar.gz/.zip archive",
+        metadata={"resume": "change", "help": "digits | synthetic[:N] | cifar10 | cifar100 | a folder | a .tar/.tar.gz/.zip archive",
                   "path": "source"},
     )
     test_data: str | None = field(
@@ -37,12 +37,12 @@ class DataConfig:
     )
     drop_unknown_classes: bool = field(
         default=False,
-        metadata={"help": "leave out evaluation images whose class the training split does not have (their "
+        metadata={"resume": "change", "help": "leave out evaluation images whose class the training split does not have (their "
                           "count is printed) instead of refusing the evaluation split"},
     )
     cache_dir: str | None = field(
         default=None,
-        metadata={"help": "decoded-image cache (default $INSTDISC_CACHE or ~/.cache/instdisc)", "path": "file"},
+        metadata={"resume": "launch", "help": "decoded-image cache (default $INSTDISC_CACHE or ~/.cache/instdisc)", "path": "file"},
     )
     download: bool = field(default=False, metadata={"help": "download CIFAR from its official URL if absent"})
     image_size: int | None = field(
@@ -51,10 +51,10 @@ class DataConfig:
                                          "training view is cropped from the whole image, evaluation resizes to 256/224 "
                                          "of --aug-size and centre-crops)"}
     )
-    workers: int = field(default=4, metadata={"help": "decoding workers for streamed (large-image) sources"})
+    workers: int = field(default=4, metadata={"resume": "launch", "help": "decoding workers for streamed (large-image) sources"})
     in_memory: bool = field(
         default=True,
-        metadata={"help": "hold a small-image training set as one uint8 tensor on the training device (batches "
+        metadata={"resume": "change", "help": "hold a small-image training set as one uint8 tensor on the training device (batches "
                           "are index_selects, no workers); --no-in-memory streams it through DataLoader workers "
                           "like a large-image source, to compare the two paths. Same batches either way"},
     )
@@ -81,7 +81,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = field(default=200, metadata={"help": "training epochs"})
+    epochs: int = field(default=200, metadata={"resume": "change", "help": "training epochs"})
     batch_size: int = field(default=128, metadata={"help": "global batch size, split across ranks"})
     lr: float = field(default=0.03, metadata={"help": "base learning rate (NPID: 0.03)"})
     scale_lr: bool = field(default=False, metadata={"help": "multiply --lr by batch_size / 256 (PIC, MoCo)"})
@@ -98,7 +98,7 @@ class OptimConfig:
     clip_grad: float = field(default=0.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     optimizer_impl: Literal["auto", "plain", "foreach", "fused"] = field(
         default="auto",
-        metadata={"help": "SGD kernels (same maths, other rounding): auto = torch's choice (foreach on GPU), "
+        metadata={"resume": "change", "help": "SGD kernels (same maths, other rounding): auto = torch's choice (foreach on GPU), "
                           "plain, foreach (multi-tensor), fused (one kernel; fastest on GPU). Methods with their "
                           "own optimiser (PIC's sampled rows) ignore it"},
     )
@@ -107,9 +107,9 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     method: str = field(default="npid", metadata={"help": "the method to train: a key of instdisc.methods.METHODS"})
-    out: str = field(default="runs/default", metadata={"help": "run directory", "path": "file"})
+    out: str = field(default="runs/default", metadata={"resume": "launch", "help": "run directory", "path": "file"})
     seed: int = field(default=0, metadata={"help": "seed of all randomness (model init, data order, augmentation)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    device: str = field(default="auto", metadata={"resume": "launch", "help": "auto | cpu | cuda | cuda:N"})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
         default="auto",
         metadata={"help": "autocast dtype of the networks (similarities, logits and losses stay fp32); auto = bf16 "
@@ -118,39 +118,39 @@ class RunConfig:
     )
     channels_last: bool = field(default=True, metadata={"help": "NHWC memory format (faster convs on CPU and GPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU)"})
-    knn_every: int = field(default=1, metadata={"help": "run the kNN monitor every N epochs (0 = only at the end)"})
-    knn_subset: int = field(default=0, metadata={"help": (
+    knn_every: int = field(default=1, metadata={"resume": "change", "help": "run the kNN monitor every N epochs (0 = only at the end)"})
+    knn_subset: int = field(default=0, metadata={"resume": "change", "help": (
         "for methods without a memory bank: the kNN monitor's train side is a fixed random subset of this "
         "many training images instead of the whole set re-embedded (0 = all; the final kNN uses all)")})
     knn_k: int = field(default=200, metadata={"help": "neighbours of the kNN monitor (NPID: 200)"})
     knn_t: float = field(default=0.07, metadata={"help": "temperature of the kNN weights exp(s/t)"})
-    log_every: int = field(default=20, metadata={"help": "steps between metric lines"})
-    ckpt_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps (0 = per epoch only)"})
+    log_every: int = field(default=20, metadata={"resume": "change", "help": "steps between metric lines"})
+    ckpt_every_steps: int = field(default=0, metadata={"resume": "change", "help": "also checkpoint every N steps (0 = per epoch only)"})
     ckpt_every_epochs: int = field(
         default=1,
-        metadata={"help": "checkpoint after every N-th epoch, and always after the last one and at any stop "
+        metadata={"resume": "change", "help": "checkpoint after every N-th epoch, and always after the last one and at any stop "
                           "(--time-limit, --max-steps, a signal); N > 1 saves time when epochs take seconds "
                           "(CIFAR on a GPU), at the cost of redoing up to N epochs after a crash"},
     )
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps in total (0 = no limit)"})
+    max_steps: int = field(default=0, metadata={"resume": "launch", "help": "stop after this many steps in total (0 = no limit)"})
     time_limit: float = field(
         default=0.0,
-        metadata={"help": "minutes of wall time after which the run checkpoints at the next step boundary and "
+        metadata={"resume": "change", "help": "minutes of wall time after which the run checkpoints at the next step boundary and "
                           "exits with status 0; --resume continues it (chains a long run into fixed-length "
                           "jobs; leave a minute's margin for the last step and the save). 0 = no limit"},
     )
     skip_nonfinite: int = field(
         default=0,
-        metadata={"help": "skip up to N steps whose loss or gradient is NaN/inf (with a warning each; the step "
+        metadata={"resume": "change", "help": "skip up to N steps whose loss or gradient is NaN/inf (with a warning each; the step "
                           "leaves weights, optimizer and method state untouched) instead of stopping at the first"},
     )
     dist_timeout: float = field(
         default=600.0,
-        metadata={"help": "seconds a collective waits for the other processes before the run fails (a dead or "
+        metadata={"resume": "launch", "help": "seconds a collective waits for the other processes before the run fails (a dead or "
                           "stalled rank then stops every rank instead of hanging them); $INSTDISC_DIST_TIMEOUT "
                           "overrides the default"},
     )
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = field(default=True, metadata={"resume": "launch", "help": "show a progress bar"})
 
 
 SECTIONS: dict[str, type] = {
@@ -160,6 +160,18 @@ SECTIONS: dict[str, type] = {
     "aug": AugmentConfig,
     "run": RunConfig,
 }
+
+
+def resume_rules() -> dict[str, str]:
+    """"section.name" -> what ``--resume`` does with a flag of this launch (field metadata "resume").
+
+    "launch": the field describes this launch, not the run (device, workers, progress, an early
+    stop): always this command line's. "change": may be changed on purpose (``--epochs`` to extend a
+    run; ``--data`` for the same images at another path, whose fingerprint the loop compares): this
+    command line's when given. Every other field is the run's own: a resume that would change it is
+    refused (`instdisc.rundir.resume_config`)."""
+    return {f"{sec}.{f.name}": f.metadata["resume"] for sec, cls in SECTIONS.items() for f in fields(cls)
+            if "resume" in f.metadata}
 SEED_MAX = 2**32 - 1  # numpy's limit on seeds (torch's is larger): every --seed is checked against it
 
 # Augmentation flags are prefixed (--aug-scale, --aug-blur-p) because "size" or "scale" alone are ambiguous.

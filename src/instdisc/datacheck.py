@@ -21,13 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from instdisc.errors import DataError
-from instdisc.sources import (
-    SPLITS,
-    _builtin_counts,
-    _decode_members,
-    _plan_file_source,
-)
+from instdisc.sources.decode import _decode_members
+from instdisc.sources.plans import resolve_all
 
 __all__ = ["CheckReport", "check_source"]
 
@@ -100,20 +95,24 @@ def check_source(spec: str, *, progress: bool = True, cache_dir: str | Path | No
         DataError: the source itself cannot be opened (missing path, empty folder, not an
             archive, class folder without images, no built-in CIFAR data, ...).
     """
-    counts = _builtin_counts(spec, Path(cache_dir).expanduser() if cache_dir is not None else None)
-    if counts is not None:
-        name = spec.strip().lower()
-        return CheckReport(name, sum(counts.values()), [], [], counts, name.split(":")[0])
-    path, plans = _plan_file_source(spec, progress)
-    if isinstance(plans, dict):  # CIFAR python batches: parsed (and validated) by the planner
-        return CheckReport(path, sum(plans.values()), [], [], plans, "cifar-python")
-    bad: list[tuple[str, str]] = []
-    odd: list[tuple[str, str]] = []
-    counts = {}
-    kind = ""
+    # The plans `open_source` reads (`instdisc.sources.plans`): the same splits, members and bad files.
+    plans = resolve_all(spec, cache_dir=cache_dir, progress=progress)
+    source = plans[0].source
     try:
+        if source.kind in ("digits", "synthetic", "cifar10", "cifar100"):
+            name = spec.strip().lower()
+            counts = {p.split: p.count() for p in plans}
+            return CheckReport(name, sum(counts.values()), [], [], counts, name.split(":")[0])
+        if plans[0].arrays_built:  # CIFAR python batches: parsed (and so validated) by counting
+            counts = {p.split: p.count() for p in plans}
+            return CheckReport(source.name, sum(counts.values()), [], [], counts, "cifar-python")
+        bad: list[tuple[str, str]] = []
+        odd: list[tuple[str, str]] = []
+        counts = {}
+        kind = ""
         for plan in plans:
             tree, sel = plan.tree, plan.sel
+            assert tree is not None
             kind = sel.fmt
             unique = list(dict.fromkeys(sel.names))
             counts[plan.split] = len(sel.names)
@@ -121,7 +120,7 @@ def check_source(spec: str, *, progress: bool = True, cache_dir: str | Path | No
             split_bad: list[tuple[int, str, str]] = []
             split_odd: list[tuple[int, str, str]] = []
             for n, img, mode, reason in _decode_members(
-                tree, sel, progress=progress, desc=f"check {Path(path).name} [{plan.split}]"
+                tree, sel, progress=progress, desc=f"check {Path(source.name).name} [{plan.split}]"
             ):
                 shown = tree.display(n)
                 if img is None:  # includes empty, missing and link members, as in open_source
@@ -131,9 +130,5 @@ def check_source(spec: str, *, progress: bool = True, cache_dir: str | Path | No
             bad += [(p, r) for _, p, r in sorted(split_bad)]
             odd += [(p, m) for _, p, m in sorted(split_odd)]
     finally:
-        for t in {id(p.tree): p.tree for p in plans}.values():
-            t.close()
-    if not counts:  # pragma: no cover - _plan_file_source raises first
-        raise DataError(f"{path} has no images.")
-    ordered = {s: counts[s] for s in SPLITS if s in counts}
-    return CheckReport(path, sum(ordered.values()), bad, odd, ordered, kind)
+        source.close()
+    return CheckReport(source.name, sum(counts.values()), bad, odd, counts, kind)  # splits in SPLITS order

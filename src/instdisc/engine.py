@@ -1,7 +1,11 @@
 """The training loop: one loop for every method (it never looks at the method's name).
 
-fit() builds everything from a TrainConfig and runs epochs; train_one_epoch() is the loop a
-reader should see in one sitting. A method only has to turn (views, idx) into a loss.
+Reading order: `train_steps` is the step loop, on one screen (set the lr, draw the augmentations,
+forward under autocast, backward, the non-finite guard, the optimiser step), yielding a
+`StepRecord` per step; `fit` builds everything from a TrainConfig, then consumes those records:
+log, maybe checkpoint, maybe stop (decided in one place), and at each epoch's end `monitor`. A
+method only has to turn (views, idx) into a loss. The run directory (log, lock, checkpoints,
+resume) is `instdisc.rundir`; what a NaN/inf step does is `instdisc.guard`.
 
 Reproducibility: every random draw of step s on rank r (data order aside, which is a function of
 the epoch) comes from generators seeded with (seed, s, r). Resuming from a checkpoint taken at
@@ -12,13 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import socket
-import sys
 import time
-import warnings
-import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,30 +27,34 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from instdisc import __version__, dist
+from instdisc import dist
 from instdisc.augment import AugmentConfig, augment
-from instdisc.checkpoint import (
-    LAST,
-    PREV,
-    atomic_write_text,
-    checkpoint_dir,
-    run_files_saver,
-    save_checkpoint,
-    write_failure,
-)
+from instdisc.checkpoint import atomic_write_text, run_files_saver
 from instdisc.config import OptimConfig, TrainConfig
 from instdisc.dist import Env
-from instdisc.errors import CheckpointError, DataError, InstdiscWarning, NonFiniteError, UserError
+from instdisc.errors import DataError
 from instdisc.features import extract_features
+from instdisc.guard import NonFiniteGuard
 from instdisc.loader import TrainLoader, make_order, step_seed
-from instdisc.methods import EpochContext, Method
+from instdisc.methods import EpochContext, Method, StepOutput
 from instdisc.methods import build as building
 from instdisc.methods.build import build_method  # noqa: F401  (its home is methods.build; kept importable here)
 from instdisc.progress import Progress
-from instdisc.runtime import StopRequest, build_optimizer, load_optimizer_state
+from instdisc.rundir import (
+    Checkpointer,
+    MetricLog,
+    TrainState,
+    check_same_data,
+    order_fingerprint,
+    prepare_run_dir,
+    restore_order_and_rng,
+    restore_training,
+    resume_checkpoint,
+)
+from instdisc.runtime import StopRequest, build_optimizer
 from instdisc.sources import ImageSet, align_classes, open_source
 from instdisc.sources.fingerprint import data_fingerprint
-from instdisc.sources.fingerprint import difference as fingerprint_difference
+from instdisc.sources.pernode import once_per_node
 
 
 def fill_size_defaults(cfg: TrainConfig, num_samples: int, num_classes: int) -> list[str]:
@@ -72,19 +76,21 @@ def fill_size_defaults(cfg: TrainConfig, num_samples: int, num_classes: int) -> 
 
 
 def lr_schedule(o: OptimConfig, steps_per_epoch: int) -> Tensor:
-    """Learning rate of every step, computed up front: (epochs * steps_per_epoch,)."""
+    """Learning rate of every step, computed up front: (epochs * steps_per_epoch,). With
+    --scale-lr the base rate is lr * batch_size / 256 (PIC, MoCo)."""
+    base = o.lr * o.batch_size / 256 if o.scale_lr else o.lr
     total = o.epochs * steps_per_epoch
     step = torch.arange(total, dtype=torch.float64)
     epoch = step / steps_per_epoch
     warm = o.warmup_epochs * steps_per_epoch
     if o.schedule == "step":
         drops = sum((epoch.floor() >= m).double() for m in o.milestones) if o.milestones else torch.zeros(total)
-        lr = o.lr * o.gamma**drops
+        lr = base * o.gamma**drops
     elif o.schedule == "cosine":
         t = ((step - warm) / max(total - warm, 1)).clamp(0, 1)
-        lr = o.lr * 0.5 * (1 + torch.cos(math.pi * t))
+        lr = base * 0.5 * (1 + torch.cos(math.pi * t))
     else:
-        lr = torch.full((total,), o.lr, dtype=torch.float64)
+        lr = torch.full((total,), base, dtype=torch.float64)
     if warm > 0:
         # Linear warm-up from lr/100, as PIC/MoCo recipes do.
         frac = (step / warm).clamp(max=1)
@@ -106,285 +112,87 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def tensorboard_writer(log_dir: Path) -> Any:
-    """A TensorBoard SummaryWriter when the `tensorboard` package is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # torch's wrapper needs the tensorboard package; it is optional
-        return None
-    return SummaryWriter(log_dir=str(log_dir))
+@dataclass
+class StepParts:
+    """What every step uses, built once by `fit`."""
 
-
-class MetricLog:
-    """Appends JSON lines to RUN_DIR/metrics.jsonl (rank 0 only), and mirrors every numeric field
-    to TensorBoard (RUN_DIR/tb/, tags "step/loss", "epoch/knn_top1", ...) when it is installed.
-    The JSONL file stays the record: TensorBoard is only a viewer."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.tb = tensorboard_writer(path.parent / "tb") if path is not None else None
-
-    def write(self, **rec: Any) -> None:
-        if self.path is None:
-            return
-        if self.tb is not None and "step" in rec:
-            for key, value in rec.items():
-                if key not in ("type", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"{rec.get('type', 'log')}/{key}", value, rec["step"])
-            self.tb.flush()
-        try:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-        except OSError as e:
-            raise UserError(
-                f"could not append to {str(self.path)!r}: {e.strerror or e}. The last checkpoint is intact; "
-                "free some space and continue with --resume."
-            ) from None
-
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop lines logged after the checkpoint (they will be logged again) and a line
-        cut short by a kill. Rewritten atomically: a second kill cannot lose the log."""
-        if self.path is None or not self.path.exists():
-            return
-        keep = []
-        for ln in self.path.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(ln)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("step", 0) <= step:
-                keep.append(ln)
-        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+    model: nn.Module  # the method as the loop calls it (DDP across ranks, maybe compiled)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    amp: torch.dtype | None  # the networks' autocast dtype; None = fp32
+    guard: NonFiniteGuard
+    lrs: Tensor  # (epochs * steps_per_epoch,) float64: the lr of every step
+    views: list[AugmentConfig]  # one per view the method asks for
+    seed: int
+    clip_grad: float
+    channels_last: bool
 
 
 @dataclass
-class TrainState:
-    epoch: int = 0  # current epoch
-    epoch_step: int = 0  # steps already done in the current epoch
-    step: int = 0  # global step
-    skipped: int = 0  # steps skipped so far for a non-finite loss/gradient (--skip-nonfinite)
-    # The current epoch's loss so far (steps not skipped): checkpointed, so that the epoch's mean
-    # after a mid-epoch resume still covers the whole epoch.
-    epoch_loss_sum: float = 0.0
-    epoch_loss_steps: int = 0
+class StepRecord:
+    """What one step yields to `fit` (the TrainState has already moved past the step)."""
+
+    out: StepOutput  # .loss: () fp32; .logs: the method's scalars
+    idx: Tensor  # (B,) this rank's dataset indices
+    loss: float
+    lr: float
+    skipped: bool  # non-finite, skipped under --skip-nonfinite (weights and method state untouched)
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """Every global generator of this process, as plain tensors and numbers (weights_only-loadable).
-
-    The loop reseeds torch per step, and augmentation draws from a per-step generator, so these
-    matter only for draws outside steps (e.g. an epoch-start hook) and for code that uses numpy's
-    or Python's global generators. Restoring them makes a resumed process indistinguishable.
-    """
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    version, mt, gauss_next = random.getstate()
-    st: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "gauss": float(gauss)},
-        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
-    }
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def set_rng_state(st: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(st["torch"])
-    npst = st["numpy"]
-    np.random.set_state(("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"]))
-    py = st["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
-
-
-def order_fingerprint(order: Tensor) -> int:
-    """CRC-32 of an epoch's data order (or of one batch's indices)."""
-    return zlib.crc32(order.detach().cpu().to(torch.int64).numpy().tobytes())
-
-
-class NonFiniteGuard:
-    """What a step whose loss or gradient is NaN/inf does: stop with a clear error (default), or,
-    with --skip-nonfinite N, be skipped, at most N times over the whole run.
-
-    A skipped step leaves no trace except its step number (its batch is consumed and the lr
-    schedule moves on): the optimizer does not step, and whatever the method changed during forward
-    (buffers such as NPID's bank or MoCo's queue, and frozen parameters such as MoCo's key encoder)
-    is put back from a copy taken just before forward. That copy costs one extra copy of those
-    tensors per step, so it is only made when skipping is allowed. The skip count is saved in the
-    checkpoint, so a resumed run makes the same decisions and shares the same budget.
-
-    Either way a debug snapshot goes to RUN_DIR/debug/step<S>-rank<R>.pt: the step, the rank's batch
-    indices and step seed, the loss and what was non-finite; when stopping, rank 0's also holds the
-    model state (parameters as before the step; buffers as before it only if a copy was taken).
-    """
-
-    def __init__(
-        self, method: Method, *, max_skips: int, check_grads: bool, debug_dir: Path, rank: int, is_main: bool,
-        config: dict[str, Any],
-    ) -> None:
-        self.method, self.max_skips, self.check_grads = method, max_skips, check_grads
-        self.debug_dir, self.rank, self.is_main, self.config = debug_dir, rank, is_main, config
-        self.params = [p for p in method.parameters() if p.requires_grad]
-        self.volatile = [*method.buffers(), *(p for p in method.parameters() if not p.requires_grad)]
-        self.saved: list[Tensor] | None = None
-
-    def before_forward(self) -> None:
-        if self.max_skips > 0:
-            self.saved = [t.detach().clone() for t in self.volatile]
-
-    @torch.no_grad()
-    def check(self, loss: Tensor, clip_grad: float) -> tuple[bool, bool]:
-        """(loss non-finite on some rank, gradient non-finite), the same on every rank; clips the
-        gradient norm when asked. The step's one host synchronisation."""
-        norm = torch.zeros((), device=loss.device)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if clip_grad > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, clip_grad)
-        elif self.check_grads and grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-        if not self.check_grads:  # fp16: inf gradients are the GradScaler's business
-            norm = torch.zeros((), device=loss.device)
-        flags = torch.stack([~torch.isfinite(loss.detach().float()), ~torch.isfinite(norm.float().to(loss.device))])
-        flags = dist.all_reduce_(flags.float())  # (2,) a loss may be NaN on one rank only: decide together
-        bad_loss, bad_grad = (flags > 0).tolist()
-        return bad_loss, bad_grad
-
-    def _describe(self, bad_loss: bool, loss: float) -> str:
-        if bad_loss:
-            return f"the loss became {loss}" if not math.isfinite(loss) else "the loss became non-finite on another process"
-        for name, p in self.method.named_parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                return f"the gradient of {name} became {'nan' if bool(torch.isnan(p.grad).any()) else 'inf'}"
-        return "the gradient norm became inf (every gradient is finite, but their norm overflows)"
-
-    def _snapshot(self, record: dict[str, Any], with_model: bool) -> str:
-        path = self.debug_dir / f"step{record['step']:08d}-rank{self.rank}.pt"
-        try:
-            self.debug_dir.mkdir(parents=True, exist_ok=True)
-            if with_model and self.is_main:
-                record = {**record, "model": self.method.state_dict(), "config": self.config}
-            torch.save(record, path)
-        except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
-            path.unlink(missing_ok=True)
-            return f"(no debug snapshot: {write_failure(e, self.debug_dir)})"
-        return str(path)
-
-    def handle(self, bad: tuple[bool, bool], loss: Tensor, idx: Tensor, state: TrainState, *, seed: int) -> str:
-        """Undo the forward's state changes and return a description (skip), or raise NonFiniteError."""
-        value = float(loss.detach().float())
-        what = self._describe(bad[0], value)
-        if self.saved is not None:
-            for t, s in zip(self.volatile, self.saved, strict=True):
-                t.data.copy_(s)
-        skip = state.skipped < self.max_skips
-        # Numbered as metrics.jsonl numbers it: the N-th step is step N (the checkpoint before it is
-        # at step N - 1).
-        number = state.step + 1
-        where = f"step {number} (epoch {state.epoch + 1}, batch {state.epoch_step + 1} of the epoch)"
-        record = {"step": number, "epoch": state.epoch, "epoch_step": state.epoch_step, "rank": self.rank,
-                  "seed": seed, "what": what, "loss": value, "idx": idx.detach().cpu()}
-        snap = self._snapshot(record, with_model=not skip)
-        if not skip:
-            used = (f" --skip-nonfinite allowed {self.max_skips} skipped step(s) and all were used."
-                    if self.max_skips else "")
-            raise NonFiniteError(
-                f"{what} at {where}; training stopped.{used} Debug snapshot (batch indices, loss, model "
-                f"state): {snap}. Try a lower --lr, --precision fp32 or --clip-grad, or let such steps be "
-                "skipped with --skip-nonfinite N; the last checkpoint is intact for --resume."
-            )
-        state.skipped += 1
-        if self.is_main:
-            print(f"instdisc: warning: skipped {where}: {what} ({state.skipped} of {self.max_skips} allowed by "
-                  f"--skip-nonfinite; weights, optimizer and method state left as before the step). Batch indices: "
-                  f"{snap}", file=sys.stderr, flush=True)
-        return what
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: TrainLoader,
-    view_cfgs: list[AugmentConfig],
-    optimizer: torch.optim.Optimizer,
-    lrs: Tensor,
-    state: TrainState,
-    *,
-    seed: int,
-    amp: torch.dtype | None,
-    scaler: torch.amp.GradScaler,
-    clip_grad: float,
-    channels_last: bool,
-    max_steps: int,
-    guard: NonFiniteGuard,
-    on_step: Any,
-    bar: Progress,
-    stop: Any = None,
-) -> dict[str, float]:
-    """One pass over the epoch's batches; returns the epoch's mean loss and throughput.
-
-    on_step(out, idx, skipped) runs after every step, skipped or not (logging, step checkpoints).
-    stop() (optional), asked after on_step, ends the epoch early when True (--time-limit, SIGTERM).
-    """
-    model.train()
+def train_steps(p: StepParts, loader: TrainLoader, state: TrainState) -> Iterator[StepRecord]:
+    """The steps of epoch `state.epoch` from `state.epoch_step` on, one record each."""
+    p.model.train()
     device = loader.device
-    t0, seen = time.perf_counter(), 0
     if state.epoch_step == 0:
         state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
+    # x: (B, 3, H, W) uint8, or (large images) a list of per-view crops the workers made; idx: (B,)
     for x, idx in loader.epoch(state.epoch, start_step=state.epoch_step, first_step=state.step):
-        s = step_seed(seed, state.step, loader.rank)
+        s = step_seed(p.seed, state.step, loader.rank)
         torch.manual_seed(s)  # the method's own draws (e.g. NPID's negatives)
         gen = torch.Generator(device=device).manual_seed(s)
-        with torch.no_grad():
-            if isinstance(x, list):  # large images: the workers cropped each view already
-                views = [augment(xv, vc, gen, cropped=True) for xv, vc in zip(x, view_cfgs, strict=True)]
+        with torch.no_grad():  # V views, each (B, 3, S, S) float, normalised
+            if isinstance(x, list):
+                views = [augment(xv, vc, gen, cropped=True) for xv, vc in zip(x, p.views, strict=True)]
             else:
-                views = [augment(x, vc, gen) for vc in view_cfgs]
-        if channels_last:
+                views = [augment(x, vc, gen) for vc in p.views]
+        if p.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        for group in optimizer.param_groups:
-            group["lr"] = float(lrs[state.step])
-        guard.before_forward()
+        lr = float(p.lrs[state.step])
+        for group in p.optimizer.param_groups:
+            group["lr"] = lr
+        p.guard.before_forward()
         # The networks run under autocast; each method computes its similarities, logits and loss in
         # fp32 inside methods.base.full_precision (tests/test_precision.py).
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(views, idx)
-        loss = out.loss
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # on every rank even if its loss is NaN: DDP's all-reduce needs it
-        if clip_grad > 0:
-            scaler.unscale_(optimizer)
-        bad = guard.check(loss, clip_grad)  # one host sync per step; so the .item() below costs nothing more
-        loss_value = loss.item()
-        skipped = any(bad)
-        if skipped:
-            guard.handle(bad, loss, idx, state, seed=s)  # raises unless --skip-nonfinite allows a skip
-            optimizer.zero_grad(set_to_none=True)
-            if scaler.is_enabled():  # forget this step's unscale, back off like an inf step would
-                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        with torch.autocast(device.type, dtype=p.amp or torch.float32, enabled=p.amp is not None):
+            out = p.model(views, idx)
+        p.optimizer.zero_grad(set_to_none=True)
+        p.scaler.scale(out.loss).backward()  # on every rank even if its loss is NaN: DDP's all-reduce needs it
+        if p.clip_grad > 0:
+            p.scaler.unscale_(p.optimizer)
+        bad = p.guard.check(out.loss, p.clip_grad)  # one host sync per step; so .item() costs nothing more
+        loss = out.loss.item()
+        if any(bad):
+            p.guard.handle(bad, out.loss, idx, state, seed=s)  # raises unless --skip-nonfinite allows a skip
+            p.optimizer.zero_grad(set_to_none=True)
+            if p.scaler.is_enabled():  # forget this step's unscale, back off like an inf step would
+                p.scaler.update(p.scaler.get_scale() * p.scaler.get_backoff_factor())
         else:
-            scaler.step(optimizer)
-            scaler.update()
-            state.epoch_loss_sum += loss_value
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+            state.epoch_loss_sum += loss
             state.epoch_loss_steps += 1
-        seen += idx.shape[0] * loader.world
         state.step += 1
         state.epoch_step += 1
-        bar.update(idx.shape[0] * loader.world, postfix=f"loss {loss_value:.4f} lr {lrs[state.step - 1]:.4g}")
-        on_step(out, idx, skipped)
-        if (max_steps and state.step >= max_steps) or (stop is not None and stop()):
-            break
-    dt = time.perf_counter() - t0
-    return {"loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1), "img_per_s": seen / max(dt, 1e-9), "time_s": dt}
+        yield StepRecord(out, idx, loss, lr, skipped=any(bad))
 
 
 def open_sets(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
     """The training set and, if one exists, the evaluation set (labelled by the training classes)."""
     d = cfg.data
     kw = dict(cache_dir=d.cache_dir, download=d.download, image_size=d.image_size, progress=dist.is_main())
-    train = open_source(d.data, "train", **kw)
+    train = once_per_node(lambda: open_source(d.data, "train", **kw))  # decoded/cached once per node
     try:
-        test = open_source(d.test_data or d.data, "test", **kw)
+        test = once_per_node(lambda: open_source(d.test_data or d.data, "test", **kw))
     except DataError as e:
         if d.test_data:
             raise
@@ -432,177 +240,6 @@ def evaluate_knn(
     return {"knn_top1": row["top1"], "knn_top5": row["top5"]}
 
 
-LOCK_NAME = ".lock"
-
-
-class RunLock:
-    """An exclusive lock on a run directory for the life of a training process.
-
-    `fcntl.flock` on RUN_DIR/.lock: the kernel drops it when the holder exits, however it exits
-    (SIGKILL, OOM, power loss on a local disk), so a lock file left by a killed process is stale by
-    construction and the next run takes it over. The file names its holder (pid, host, start time)
-    for the refusal message. Where flock does not exist, nothing is locked.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / LOCK_NAME
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise UserError(
-                f"{str(self.path.parent)!r} is in use by another training ({holder}): two runs in one folder would "
-                "interleave their metrics and checkpoints. Wait for it to finish, stop it, or choose another --out."
-            ) from None
-        # Ours now, whatever the file said (a killed holder's lock is released by the kernel).
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                 .encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
-
-
-# What a launch stopped before its first checkpoint (pre-empted while the data were opened, killed
-# in epoch 1) can leave in its run folder; nothing in them is worth keeping.
-_BEFORE_FIRST_CHECKPOINT = frozenset({"config.json", "metrics.jsonl", "checkpoints", "debug", LOCK_NAME})
-
-
-def resume_auto(out: Path) -> bool:
-    """``--resume auto``: whether this launch continues the run in `out` (True) or starts it (False).
-
-    Continue when the folder holds a checkpoint (last.pt or prev.pt); start when it is absent, empty,
-    or holds only what a launch stopped before its first checkpoint leaves (then started over, as
-    with --overwrite). Anything else is not a run: refused, so that a mistyped --out never trains
-    into someone's folder. The answer depends on the files alone, so every rank of a torchrun or
-    srun launch reads the same one from a shared run folder.
-    """
-    ckd = checkpoint_dir(out)
-    if any((ckd / name).is_file() for name in (LAST, PREV)):
-        return True
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file, not a run directory.")
-    others = sorted(p.name for p in out.iterdir()
-                    if p.name not in _BEFORE_FIRST_CHECKPOINT and not p.name.startswith(".write-test-"))
-    if others:
-        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise UserError(
-            f"--resume auto: {str(out)!r} is neither empty nor an instdisc run (it holds {shown}). Give an empty "
-            "or new folder as --out, or the folder of the run to continue."
-        )
-    return False
-
-
-def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
-    """Lock the run directory, and refuse to train over another run unless asked to resume or
-    overwrite. The caller releases the returned lock when training ends."""
-    has_run = (out / "config.json").exists() or checkpoint_dir(out).exists()
-    if resume and not has_run:
-        raise UserError(f"--resume: {str(out)!r} holds no run to resume.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to the run directory {str(out)!r}: {e.strerror or e}.") from None
-    lock = RunLock(out)
-    lock.acquire()  # before anything is judged or deleted: a running training owns the folder
-    try:
-        has_run = (out / "config.json").exists() or checkpoint_dir(out).exists()
-        if has_run and not (resume or overwrite):
-            raise UserError(
-                f"{str(out)!r} already holds a run. Pass --resume to continue it, --overwrite to start "
-                "over (its checkpoints, metrics and evaluation results are replaced), or choose another --out."
-            )
-        if overwrite and not resume:
-            ckd = checkpoint_dir(out)
-            for p in [out / "metrics.jsonl", ckd / "last.pt", ckd / "prev.pt", ckd / "last.pt.damaged"]:
-                p.unlink(missing_ok=True)
-            for p in (out / "debug").glob("step*-rank*.pt"):
-                p.unlink()
-            # The old model's results (and cached features) would read as the new model's.
-            for p in [*(out / "eval").glob("*.json"), *(out / "eval" / "features").glob("*")]:
-                if p.is_file():
-                    p.unlink()
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def restore_training(ck: dict[str, Any], optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler) -> TrainState:
-    """Load a checkpoint's optimizer and scaler in place (the method comes from
-    `methods.build.method_from_checkpoint`, with its weights and buffers); return its loop state."""
-    try:
-        load_optimizer_state(optimizer, ck["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"the checkpoint's optimizer state does not fit this model: {e}") from None
-    scaler.load_state_dict(ck["scaler"])
-    return TrainState(**ck["state"])
-
-
-def check_resume_epochs(state: TrainState, epochs: int) -> None:
-    """--resume --epochs N on a run already past N would rewrite its config and log, not continue it."""
-    done = state.epoch + (state.epoch_step > 0)  # an epoch under way counts as begun
-    if done > epochs:
-        raise UserError(
-            f"--resume --epochs {epochs}: this run is already in epoch {done} (step {state.step}), past {epochs}. "
-            f"Resuming cannot shorten a run; give --epochs {done} or more to continue it, or start a new run "
-            "(another --out)."
-        )
-
-
-def check_same_data(ck: dict[str, Any], fingerprint: dict[str, Any], train: ImageSet, spec: str) -> None:
-    """Refuse to resume on other training images than the checkpoint's (the same ones under
-    another path are fine). Checkpoints older than the fingerprint are checked by image count."""
-    saved = ck.get("data")
-    n = len(train)
-    if int(ck.get("num_samples", n)) != n:
-        why: str | None = f"it has {n} images now, the run trained on {ck['num_samples']}"
-    else:
-        why = None if saved is None else fingerprint_difference(saved, fingerprint, train)
-    if why:
-        raise DataError(
-            f"the training set changed: {spec!r} is not the data this run trained on ({why}). Resuming "
-            "would not continue the same run: restore the original images, or start a new run (another --out)."
-        )
-
-
-def restore_order_and_rng(ck: dict[str, Any], order_crc32: int, env: Env) -> None:
-    """Check the resumed epoch's data order and restore this rank's global random generators."""
-    # The data order is a function of (seed, epoch); check that this process regenerates the
-    # one the checkpoint was taken with (it would not under, say, another torch's randperm).
-    saved_order = (ck.get("sampler") or {}).get("order_crc32")
-    if saved_order is not None and saved_order != order_crc32:
-        warnings.warn(
-            "the data order of this epoch differs from the one the checkpoint was taken with (another "
-            "torch version?): the run continues, but not bit-identically to an uninterrupted one.",
-            InstdiscWarning, stacklevel=3,
-        )
-    rngs = ck.get("rng") or []
-    if len(rngs) == env.world_size:
-        set_rng_state(rngs[env.rank], env.device)
-    elif rngs:
-        dist.print0(f"note: the checkpoint was taken with {len(rngs)} process(es), this run has "
-                    f"{env.world_size}: global random generators start afresh.")
-
-
 def wrap_for_training(method: Method, env: Env, *, compile: bool) -> nn.Module:
     """The module the loop calls: DDP across ranks (gradients only; the methods keep their own
     buffers equal with explicit collectives), optionally compiled. `method` stays the unwrapped one."""
@@ -610,181 +247,166 @@ def wrap_for_training(method: Method, env: Env, *, compile: bool) -> nn.Module:
     return torch.compile(model) if compile else model
 
 
-def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Train `cfg.run.method` and return the final metrics. The run directory is locked meanwhile."""
+def fit(cfg: TrainConfig, env: Env, *, resume: bool = False, overwrite: bool = False,
+        checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train `cfg.run.method` and return the final metrics. The run directory is locked meanwhile.
+    `checkpoint`: on resume, the run's checkpoint already read (`rundir.read_resume`); else read here."""
     clock = StopRequest(cfg.run.time_limit)  # started before the data are opened: loading counts
     out = Path(cfg.run.out)
     lock = prepare_run_dir(out, resume=resume, overwrite=overwrite) if env.is_main else None
     try:
         dist.barrier()
-        return _fit(cfg, env, clock, out, resume=resume)
+        return _fit(cfg, env, clock, out, ck=checkpoint if resume else None, resume=resume)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: bool) -> dict[str, Any]:
-    r, o = cfg.run, cfg.optim
-    ck = None
-    if resume:
-        _, ck = building.read_run(out, quarantine=env.is_main)
-        if ck.get("method") != r.method:
-            raise CheckpointError(f"the checkpoint in {str(out)!r} is a {ck.get('method')!r} run, not {r.method!r}.")
-        check_resume_epochs(TrainState(**ck["state"]), o.epochs)
-
+def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, ck: dict[str, Any] | None,
+         resume: bool) -> dict[str, Any]:
+    r, o, d = cfg.run, cfg.optim, cfg.data
+    ck = resume_checkpoint(out, ck, r.method, o.epochs, quarantine=env.is_main) if resume else None
     train, test = open_sets(cfg)
     n = len(train)
     fill_size_defaults(cfg, n, len(train.classes))
     fingerprint = data_fingerprint(train)  # saved in every checkpoint; a resume compares it
     if ck is not None:
-        check_same_data(ck, fingerprint, train, cfg.data.data)
-    # Same seed on every rank before building: identical initial weights and buffers.
-    torch.manual_seed(r.seed)
-    random.seed(r.seed)
-    np.random.seed(r.seed)
-    if ck is None:
-        method = building.build_method(cfg, n).to(env.device)
-    else:  # the run's own model, as every evaluation command rebuilds it (methods.load_run)
-        method, _ = building.method_from_checkpoint(ck, env.device, where=f"the checkpoint in {str(out)!r}")
-        method.train()
-    if r.channels_last:
-        method = method.to(memory_format=torch.channels_last)
+        check_same_data(ck, fingerprint, train, d.data)
+    method = method_for_training(cfg, env, n, ck)
     optimizer = build_optimizer(method, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 impl=o.optimizer_impl)
     amp = autocast_dtype(r.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     state = TrainState() if ck is None else restore_training(ck, optimizer, scaler)
     dist.broadcast_buffers(method)
-    model = wrap_for_training(method, env, compile=r.compile)
-
-    d = cfg.data
-    order = make_order(d.sampler, n, seed=r.seed, window=d.window, stride=d.stride, batch_size=o.batch_size)
     view_cfgs = method.views(cfg.aug)
-    loader = TrainLoader(
-        train, o.batch_size, seed=r.seed, rank=env.rank, world_size=env.world_size,
-        device=env.device, workers=cfg.data.workers, order=order, in_memory=cfg.data.in_memory,
-        views=view_cfgs,
-    )
+    order = make_order(d.sampler, n, seed=r.seed, window=d.window, stride=d.stride, batch_size=o.batch_size)
+    loader = TrainLoader(train, o.batch_size, seed=r.seed, rank=env.rank, world_size=env.world_size,
+                         device=env.device, workers=d.workers, order=order, in_memory=d.in_memory, views=view_cfgs)
     spe = loader.steps_per_epoch()
-    lr_cfg = o
-    if o.scale_lr:
-        lr_cfg = OptimConfig(**{**o.__dict__, "lr": o.lr * o.batch_size / 256})
-    lrs = lr_schedule(lr_cfg, spe)
+    guard = NonFiniteGuard(method, max_skips=r.skip_nonfinite, check_grads=not scaler.is_enabled(),
+                           debug_dir=out / "debug", rank=env.rank, is_main=env.is_main, config=cfg.to_dict())
+    parts = StepParts(wrap_for_training(method, env, compile=r.compile), optimizer, scaler, amp, guard,
+                      lr_schedule(o, spe), view_cfgs, r.seed, o.clip_grad, r.channels_last)
+    ckpt = Checkpointer(out, cfg, env, method, optimizer, scaler, loader.order, fingerprint, n)
     log = MetricLog(out / "metrics.jsonl" if env.is_main else None)
     if env.is_main:
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         if resume:
             log.truncate_after(state.step)
     dist.print0(
-        f"instdisc: {r.method} on {cfg.data.data} ({n} images, {spe} steps/epoch x {o.epochs} epochs, "
-        f"batch {o.batch_size}, {env.world_size} process(es) on {env.device}, "
-        f"{'fp32' if amp is None else str(amp).replace('torch.', '')}) -> {out}"
-        + (f"; resuming at epoch {state.epoch} step {state.step}" if ck is not None else "")
-    )
-
-    orders: dict[int, int] = {}  # epoch -> fingerprint of its data order (computed once per epoch)
-
-    def sampler_state() -> dict[str, int]:
-        if state.epoch not in orders:
-            orders.clear()
-            orders[state.epoch] = order_fingerprint(loader.order(state.epoch))
-        return {"epoch": state.epoch, "position": state.epoch_step, "order_crc32": orders[state.epoch]}
-
-    def save() -> None:
-        dist.sync_norm_stats(method)
-        if not dist.buffers_agree(method):
-            raise RuntimeError(f"method state differs across ranks at step {state.step}: this is a bug, please report it")
-        rngs = dist.all_gather_object(rng_state(env.device))  # one per rank, in rank order
-        if env.is_main:
-            save_checkpoint(out, {
-                "version": __version__, "method": r.method, "num_samples": n, "data": fingerprint,
-                "config": cfg.to_dict(), "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": dict(state.__dict__),
-                "sampler": sampler_state(), "rng": rngs, "world_size": env.world_size,
-            })
-        dist.barrier()
-
+        f"instdisc: {r.method} on {d.data} ({n} images, {spe} steps/epoch x {o.epochs} epochs, batch {o.batch_size}, "
+        f"{env.world_size} process(es) on {env.device}, {'fp32' if amp is None else str(amp).replace('torch.', '')})"
+        f" -> {out}" + (f"; resuming at epoch {state.epoch} step {state.step}" if ck is not None else ""))
     if ck is not None:
-        restore_order_and_rng(ck, sampler_state()["order_crc32"], env)
-    guard = NonFiniteGuard(
-        method, max_skips=r.skip_nonfinite, check_grads=not scaler.is_enabled(), debug_dir=out / "debug",
-        rank=env.rank, is_main=env.is_main, config=cfg.to_dict(),
-    )
+        restore_order_and_rng(ck, ckpt.order_crc32(state.epoch), env)
 
-    def ctx_predict(fn: Any, gather: bool = True) -> Tensor:
+    metrics: dict[str, Any] = {}
+    with clock:  # SIGTERM/SIGINT/SIGUSR1 (runtime.STOP_SIGNALS) from here on: finish the step, checkpoint, exit 128 + signal
+        while state.epoch < o.epochs:
+            hook = method.on_epoch_start(epoch_context(method, train, cfg, env, state.epoch)) if state.epoch_step == 0 else {}
+            bar = Progress(spe * o.batch_size, desc=f"epoch {state.epoch + 1}/{o.epochs}", enabled=r.progress and env.is_main)
+            t0, seen = time.perf_counter(), 0
+            for rec in train_steps(parts, loader, state):
+                seen += rec.idx.shape[0] * loader.world
+                bar.update(rec.idx.shape[0] * loader.world, postfix=f"loss {rec.loss:.4f} lr {rec.lr:.4g}")
+                if rec.skipped:
+                    log.write(type="skip", step=state.step, epoch=state.epoch, skipped=state.skipped, loss=rec.loss)
+                elif state.step % r.log_every == 0:  # "batch": CRC-32 of rank 0's indices, evidence of the order
+                    log.write(type="step", step=state.step, epoch=state.epoch, lr=rec.lr, loss=rec.loss,
+                              batch=order_fingerprint(rec.idx), **{k: float(v) for k, v in rec.out.logs.items()})
+                # When to save and stop, here and after the epoch. No step checkpoint where the epoch's or the
+                # stop's follows at once: a duplicate would push the genuinely older checkpoint out of prev.pt.
+                at_max = bool(r.max_steps and state.step >= r.max_steps)
+                ends = clock.check(env.device) or state.epoch_step >= spe or at_max  # check: every step, all ranks
+                if r.ckpt_every_steps and state.step % r.ckpt_every_steps == 0 and not ends:
+                    ckpt.save(state)
+                if at_max or clock.expired:
+                    break
+            dt = time.perf_counter() - t0
+            bar.close()
+            metrics = monitor(method, train, test, cfg, env, state, spe, log, {
+                **hook, "loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
+                "img_per_s": seen / max(dt, 1e-9), "time_s": dt})
+            due = metrics["type"] == "epoch_part" or state.epoch >= o.epochs or state.epoch % r.ckpt_every_epochs == 0
+            if due:
+                ckpt.save(state)
+            # clock.check also sees a signal that came during the evaluation or the save: no further epoch.
+            if bool(r.max_steps and state.step >= r.max_steps) or clock.check(env.device):
+                if not due:  # a stop always leaves a checkpoint of the exact state
+                    ckpt.save(state)
+                break
+    return finish(method, train, test, cfg, env, state, clock, log, metrics, spe)
+
+
+def method_for_training(cfg: TrainConfig, env: Env, n: int, ck: dict[str, Any] | None) -> Method:
+    """The method to train, on the device: built afresh (same seed on every rank, so identical
+    initial weights and buffers), or on resume the run's own model, as every evaluation command
+    rebuilds it (`methods.build.method_from_checkpoint`)."""
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    if ck is None:
+        method = building.build_method(cfg, n).to(env.device)
+    else:
+        where = f"the checkpoint in {str(Path(cfg.run.out))!r}"
+        method, _ = building.method_from_checkpoint(ck, env.device, where=where)
+        method.train()
+    return method.to(memory_format=torch.channels_last) if cfg.run.channels_last else method
+
+
+def epoch_context(method: Method, train: ImageSet, cfg: TrainConfig, env: Env, epoch: int) -> EpochContext:
+    """What a method's on_epoch_start may use: the epoch, a way to embed the training set, a saver."""
+
+    def predict(fn: Any, gather: bool = True) -> Tensor:
         # Eval mode: BatchNorm uses (and does not update) its running statistics.
         was_training = method.training
         method.eval()
         try:
-            return extract_features(
-                fn, train, size=cfg.aug.size, mean=cfg.aug.mean, std=cfg.aug.std, device=env.device,
-                workers=cfg.data.workers, gather=gather,
-            )
+            return extract_features(fn, train, size=cfg.aug.size, mean=cfg.aug.mean, std=cfg.aug.std,
+                                    device=env.device, workers=cfg.data.workers, gather=gather)
         finally:
             method.train(was_training)
 
-    metrics: dict[str, Any] = {}
-    stop = False
-    with clock:  # SIGTERM/SIGINT/SIGUSR1 (runtime.STOP_SIGNALS) from here on: finish the step, checkpoint, exit 128 + signal
-        while state.epoch < o.epochs and not stop:
-            epoch_logs: dict[str, Any] = {}
-            if state.epoch_step == 0:
-                epoch_logs.update(method.on_epoch_start(EpochContext(
-                    epoch=state.epoch, num_epochs=o.epochs, predict_all=ctx_predict, save=run_files_saver(out, is_main=env.is_main),
-                    labels=None if train.labels is None else torch.from_numpy(train.labels),
-                    predict_shard=lambda fn: ctx_predict(fn, gather=False),
-                )))
-            bar = Progress(spe * o.batch_size, desc=f"epoch {state.epoch + 1}/{o.epochs}", enabled=r.progress and env.is_main)
+    return EpochContext(
+        epoch=epoch, num_epochs=cfg.optim.epochs, predict_all=predict,
+        save=run_files_saver(Path(cfg.run.out), is_main=env.is_main),
+        labels=None if train.labels is None else torch.from_numpy(train.labels),
+        predict_shard=lambda fn: predict(fn, gather=False),
+    )
 
-            def on_step(step_out: Any, idx: Tensor, skipped: bool) -> None:
-                if skipped:
-                    log.write(type="skip", step=state.step, epoch=state.epoch, skipped=state.skipped,
-                              loss=float(step_out.loss.detach()))
-                elif state.step % r.log_every == 0:
-                    # "batch": CRC-32 of rank 0's dataset indices, evidence of the data order.
-                    log.write(type="step", step=state.step, epoch=state.epoch, lr=float(lrs[state.step - 1]),
-                              loss=float(step_out.loss.detach()), batch=order_fingerprint(idx),
-                              **{k: float(v) for k, v in step_out.logs.items()})
-                # Not at the epoch's last step or at --max-steps: the end-of-loop save follows at once, and
-                # a duplicate would push the genuinely older checkpoint out of prev.pt.
-                ends = (clock.check(env.device) or state.epoch_step >= spe
-                        or bool(r.max_steps and state.step >= r.max_steps))
-                if r.ckpt_every_steps and state.step % r.ckpt_every_steps == 0 and not ends:
-                    save()
 
-            stats = train_one_epoch(
-                model, loader, view_cfgs, optimizer, lrs, state, seed=r.seed, amp=amp, scaler=scaler,
-                clip_grad=o.clip_grad, channels_last=r.channels_last, max_steps=r.max_steps, guard=guard, on_step=on_step,
-                bar=bar, stop=lambda: clock.expired,
-            )
-            bar.close()
-            dist.sync_norm_stats(method)  # every rank evaluates with the same model
-            if state.epoch_step >= spe:
-                state.epoch, state.epoch_step = state.epoch + 1, 0
-            last = state.epoch >= o.epochs
-            if test is not None and r.knn_every and (state.epoch % r.knn_every == 0 or last) and state.epoch_step == 0:
-                stats.update(evaluate_knn(method, train, test, cfg, env, use_bank=True))
-            # An epoch cut short (--max-steps, --time-limit, a signal) is logged as "epoch_part", so
-            # that "epoch" lines stay one per whole epoch across stops and resumes.
-            whole = state.epoch_step == 0
-            metrics = {"type": "epoch" if whole else "epoch_part", "epoch": state.epoch, "step": state.step,
-                       **epoch_logs, **stats}
-            log.write(**metrics)
-            # The monitor's train side is the method's own memory bank where it keeps one (features
-            # from past epochs' augmented views), else the training set re-embedded now.
-            reads = ("memory bank" if method.bank_features() is not None else
-                     f"{min(r.knn_subset, n)} train images re-embedded" if r.knn_subset else "train set re-embedded")
-            knn = f" kNN top-1 {stats['knn_top1']:.2f}% ({reads})" if "knn_top1" in stats else ""
-            where = f"epoch {state.epoch}/{o.epochs}" if whole else \
-                f"epoch {state.epoch + 1}/{o.epochs} (stopped after step {state.epoch_step}/{spe})"
-            dist.print0(f"{where} loss {stats['loss']:.4f}{knn} ({stats['img_per_s']:.0f} img/s, {stats['time_s']:.1f}s)")
-            due = not whole or last or state.epoch % r.ckpt_every_epochs == 0
-            if due:
-                save()
-            # clock.check also sees a signal that came during the evaluation: then not one more epoch.
-            stop = bool(r.max_steps and state.step >= r.max_steps) or clock.check(env.device)
-            if stop and not due:  # a stop always leaves a checkpoint of the exact state
-                save()
+def monitor(method: Method, train: ImageSet, test: ImageSet | None, cfg: TrainConfig, env: Env, state: TrainState,
+            spe: int, log: MetricLog, stats: dict[str, Any]) -> dict[str, Any]:
+    """The end of an epoch, whole or cut short by a stop: move the state to the next epoch if this
+    one is done, run the kNN monitor when due, log the epoch's line and print its summary.
+
+    An epoch cut short (--max-steps, --time-limit, a signal) is logged as "epoch_part", so that
+    "epoch" lines stay one per whole epoch across stops and resumes. Returns the logged record."""
+    r, o = cfg.run, cfg.optim
+    dist.sync_norm_stats(method)  # every rank evaluates with the same model
+    if state.epoch_step >= spe:
+        state.epoch, state.epoch_step = state.epoch + 1, 0
+    whole, last = state.epoch_step == 0, state.epoch >= o.epochs
+    if test is not None and r.knn_every and (state.epoch % r.knn_every == 0 or last) and whole:
+        stats.update(evaluate_knn(method, train, test, cfg, env, use_bank=True))
+    metrics = {"type": "epoch" if whole else "epoch_part", "epoch": state.epoch, "step": state.step, **stats}
+    log.write(**metrics)
+    # The monitor's train side is the method's own memory bank where it keeps one (features
+    # from past epochs' augmented views), else the training set re-embedded now.
+    reads = ("memory bank" if method.bank_features() is not None else
+             f"{min(r.knn_subset, len(train))} train images re-embedded" if r.knn_subset else "train set re-embedded")
+    knn = f" kNN top-1 {stats['knn_top1']:.2f}% ({reads})" if "knn_top1" in stats else ""
+    where = f"epoch {state.epoch}/{o.epochs}" if whole else \
+        f"epoch {state.epoch + 1}/{o.epochs} (stopped after step {state.epoch_step}/{spe})"
+    dist.print0(f"{where} loss {stats['loss']:.4f}{knn} ({stats['img_per_s']:.0f} img/s, {stats['time_s']:.1f}s)")
+    return metrics
+
+
+def finish(method: Method, train: ImageSet, test: ImageSet | None, cfg: TrainConfig, env: Env, state: TrainState,
+           clock: StopRequest, log: MetricLog, metrics: dict[str, Any], spe: int) -> dict[str, Any]:
+    """After the loop: the final kNN of a finished run, or the message of a stopped one."""
+    r, o = cfg.run, cfg.optim
     if test is not None and state.epoch >= o.epochs:
         # Final number as the paper reports it: train features recomputed with the eval transform.
         final = evaluate_knn(method, train, test, cfg, env, use_bank=False)
@@ -798,7 +420,7 @@ def _fit(cfg: TrainConfig, env: Env, clock: StopRequest, out: Path, *, resume: b
                if clock.reason == "time_limit" else f"{clock.reason} received")
         dist.print0(
             f"instdisc: {why}, stopped at step {state.step} of {o.epochs * spe} (epoch {state.epoch + 1}/{o.epochs}); "
-            f"checkpoint saved. Continue with: instdisc train --method {r.method} --out {out} --resume"
+            f"checkpoint saved. Continue with: instdisc train --method {r.method} --out {Path(r.out)} --resume"
         )
         metrics = {**metrics, "stopped": clock.reason, "signal": clock.signum}
     return metrics

@@ -33,12 +33,12 @@ from PIL import Image
 from instdisc.checkpoint import atomic_write_text
 from instdisc.errors import DataError, UserError
 from instdisc.progress import Progress
-from instdisc.sources import _plan_file_source as plan_file_source
 from instdisc.sources import decode_image
 from instdisc.sources.builtin import _parse_builtin
 from instdisc.sources.decode import _bad_files_error
 from instdisc.sources.images import _probe_size
 from instdisc.sources.layouts import _imagefolder_prefix, _visible
+from instdisc.sources.plans import resolve_all
 
 MARKER = ".instdisc-prepared.json"
 _CHUNK = 64  # images per job sent to a worker process
@@ -146,9 +146,11 @@ def prepare(
                         "source it copies. Give a folder outside it.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{str(out)!r} already exists and is not an empty folder; give a new DST folder.")
-    name, plans = plan_file_source(src, progress)
-    if isinstance(plans, dict) or not plans or any(p.sel.fmt != plans[0].sel.fmt for p in plans) or \
-            not plans[0].sel.fmt.startswith("imagefolder"):
+    plans = resolve_all(src, progress=progress)
+    name = plans[0].name
+    if plans[0].arrays_built or plans[0].kind == "pic-zip" or any(p.sel.fmt != plans[0].sel.fmt for p in plans) \
+            or not plans[0].sel.fmt.startswith("imagefolder"):
+        plans[0].close()
         raise DataError(
             f"{name} is not an ImageFolder (folder, .tar or .zip of train/<class>/ images): `instdisc data "
             "prepare` copies only that layout, so that the copy lists in the same order. CIFAR batches are "
@@ -157,8 +159,10 @@ def prepare(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        plans[0].close()
         raise UserError(f"cannot create {str(out)!r}: {e.strerror or e}.") from None
     tree = plans[0].tree
+    assert tree is not None
     files, dirs = _visible(tree)
     prefix = _imagefolder_prefix(tree, files, dirs)  # an archive's top-level folder is not copied
     counts: dict[str, int] = {}
@@ -244,9 +248,8 @@ def _collect(pending: dict[Future, dict[str, int]], done) -> Iterator[tuple[str,
 
 def _check_same_listing(src: str, dst: str, prefix: str, progress: bool) -> None:
     """The copy must list as the source does: same splits, classes, labels and member order."""
-    _, a = plan_file_source(src, progress)
-    _, b = plan_file_source(dst, progress)
-    assert not isinstance(a, dict) and not isinstance(b, dict)
+    a = resolve_all(src, progress=progress)
+    b = resolve_all(dst, progress=progress)
     try:
         same = [p.split for p in a] == [q.split for q in b] and all(
             p.sel.classes == q.sel.classes and len(p.sel.names) == len(q.sel.names)
@@ -256,8 +259,7 @@ def _check_same_listing(src: str, dst: str, prefix: str, progress: bool) -> None
             for p, q in zip(a, b, strict=True)
         )
     finally:
-        for plans in (a, b):
-            for p in plans:
-                p.tree.close()
+        a[0].close()
+        b[0].close()
     if not same:  # pragma: no cover - a bug, not a user error: the names are copied unchanged
         raise RuntimeError(f"the prepared copy {dst} does not list like {src}; please report this")

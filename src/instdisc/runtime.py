@@ -12,18 +12,16 @@ same way (after the current step, with a checkpoint), so a pre-empted job loses 
 
 from __future__ import annotations
 
-import inspect
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
 
 from instdisc import dist
-from instdisc.errors import ConfigError, InstdiscWarning
+from instdisc.errors import ConfigError
 
 OptimizerImpl = Literal["auto", "plain", "foreach", "fused"]
 OPTIMIZER_IMPLS: tuple[str, ...] = ("auto", "plain", "foreach", "fused")
@@ -64,36 +62,14 @@ def make_sgd(
         ) from None
 
 
-def accepts_impl(configure: Any) -> bool:
-    """Whether a method's configure_optimizer takes the `impl` keyword (methods that override it
-    with their own optimiser, like PIC's sampled-row SGD, may not)."""
-    try:
-        params = inspect.signature(configure).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "impl" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
 def build_optimizer(
     method: torch.nn.Module, *, lr: float, momentum: float, weight_decay: float, impl: str = "auto"
 ) -> torch.optim.Optimizer:
-    """The method's optimiser, with --optimizer-impl passed only where the method supports it.
-
-    "auto" is never passed, so a method that overrides configure_optimizer without `impl` behaves
-    exactly as before; any other choice it cannot take is reported once and ignored.
-    """
-    configure = method.configure_optimizer  # type: ignore[attr-defined]
-    kw = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if impl == "auto":
-        return configure(**kw)
-    sgd_kernel_kwargs(impl)  # an unknown name is a ConfigError whatever the method
-    if not accepts_impl(configure):
-        warnings.warn(
-            f"--optimizer-impl {impl} is ignored: {type(method).__name__} builds its own optimiser "
-            "(its configure_optimizer takes no impl).", InstdiscWarning, stacklevel=2,
-        )
-        return configure(**kw)
-    return configure(**kw, impl=impl)
+    """The method's optimiser (`Method.configure_optimizer`, one signature for every method), with
+    --optimizer-impl checked first: an unknown name is a ConfigError whatever the method."""
+    sgd_kernel_kwargs(impl)
+    return method.configure_optimizer(lr=lr, momentum=momentum, weight_decay=weight_decay,  # type: ignore[attr-defined]
+                                      impl=impl)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

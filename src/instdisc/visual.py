@@ -100,6 +100,11 @@ def _cell(img: np.ndarray, size: int) -> Image.Image:
     return im.resize((size, size), Image.NEAREST if small else Image.BILINEAR)
 
 
+def thumbnail(img: np.ndarray, size: int) -> Image.Image:
+    """(H, W, 3) uint8 -> a size x size picture, as the grids draw each cell (`instdisc search`'s page)."""
+    return _cell(img, size)
+
+
 def neighbour_grid(
     queries: Sequence[np.ndarray],
     neighbours: Sequence[Sequence[np.ndarray]],

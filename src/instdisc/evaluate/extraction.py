@@ -119,28 +119,32 @@ def extract(
 ) -> Tensor:
     """Features of every image (eval transform), row i = index i; cached as .npy when `cache` is set.
 
-    The cache file name includes a hash of the weights' fingerprint, the source, split, kind and
-    transform, so a retrained run or another source never reads stale features. The features are
+    The cache file name includes a hash of the weights' fingerprint, the source, split, kind,
+    transform and the images' content key (`_content_key`), so a retrained run, another source or
+    a folder edited in place never reads stale features. The features are
     returned on the CPU, or (keep_device, no cache) on the subject's device.
     """
     from instdisc.features import extract_features, load_features, save_features
 
-    key = hashlib.sha1(
-        json.dumps(
-            [
-                subject.fingerprint,
-                images.name,
-                images.split,
-                len(images),
-                images.meta.get("dropped_unknown", 0),
-                kind,
-                subject.size,
-                list(subject.mean),
-                list(subject.std),
-            ]
-        ).encode()
-    ).hexdigest()[:12]
-    path = None if cache is None else Path(cache) / f"{images.split}-{kind}-{key}.npy"
+    path = None
+    if cache is not None:
+        key = hashlib.sha1(
+            json.dumps(
+                [
+                    subject.fingerprint,
+                    images.name,
+                    images.split,
+                    len(images),
+                    images.meta.get("dropped_unknown", 0),
+                    kind,
+                    subject.size,
+                    list(subject.mean),
+                    list(subject.std),
+                    _content_key(images),
+                ]
+            ).encode()
+        ).hexdigest()[:12]
+        path = Path(cache) / f"{images.split}-{kind}-{key}.npy"
     if path is not None and path.is_file():
         feats, _ = load_features(path)
         if feats.shape[0] == len(images):
@@ -173,6 +177,20 @@ def extract(
         save_features(path, feats, images.labels, meta)
         _prune_cache(path, meta)
     return feats
+
+
+def _content_key(images) -> str | None:  # noqa: ANN001
+    """What identifies the images themselves, beyond their source's name and count, so that a folder
+    whose images were edited, replaced or renamed in place is embedded again: a decoded set's
+    array-cache key (it hashes the source's content: file names, sizes and mtimes, or an archive's
+    bytes), a streamed set's member names and sizes. None for sets that carry neither."""
+    key = images.meta.get("cache_key")
+    if key:
+        return str(key)
+    members = getattr(images, "member_keys", None)
+    if members:
+        return hashlib.sha1("\n".join(members).encode("utf-8", "surrogateescape")).hexdigest()
+    return None
 
 
 def _prune_cache(keep: Path, meta: dict[str, Any]) -> None:

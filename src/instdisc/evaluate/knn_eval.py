@@ -207,15 +207,36 @@ def knn_row(rows: list[dict[str, Any]], k: int, t: float) -> dict[str, Any]:
 
 @torch.no_grad()
 def nearest(
-    query: Tensor, bank: Tensor, k: int, *, chunk_size: int = 1024
+    query: Tensor, bank: Tensor, k: int, *, chunk_size: int = 1024, backend: str = "torch"
 ) -> tuple[Tensor, Tensor]:
-    """Top-k cosine neighbours: (Q, k) similarities (descending) and (Q, k) bank indices."""
-    bank = F.normalize(bank.float(), dim=1)
+    """Top-k cosine neighbours: (Q, k) similarities (descending) and (Q, k) bank indices.
+
+    ``backend``: "torch" (chunked matmul + top-k), "faiss" (exact IndexFlatIP, the same
+    neighbours up to ties) or "auto" (`resolve_backend`: faiss for banks of `FAISS_MIN_ROWS`+ rows)."""
     k = min(k, bank.shape[0])
+    if resolve_backend(backend, bank.shape[0]) == "faiss":
+        return _faiss_nearest(query, bank, k, chunk_size)
+    bank = F.normalize(bank.float(), dim=1)
     sims, idx = [], []
     for start in range(0, query.shape[0], chunk_size):
         s = F.normalize(query[start : start + chunk_size].float(), dim=1) @ bank.t()  # (q, N)
         top = s.topk(k, dim=1)
         sims.append(top.values)
         idx.append(top.indices)
+    return torch.cat(sims), torch.cat(idx)
+
+
+@torch.no_grad()
+def _faiss_nearest(query: Tensor, bank: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor]:
+    import faiss
+
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    index = faiss.IndexFlatIP(bank.shape[1])  # exact inner product = cosine on normalised rows
+    index.add(np.ascontiguousarray(F.normalize(bank.float().cpu(), dim=1).numpy()))
+    sims, idx = [], []
+    for start in range(0, query.shape[0], chunk):
+        q = F.normalize(query[start : start + chunk].float().cpu(), dim=1)
+        s, i = index.search(np.ascontiguousarray(q.numpy()), k)  # (q, k) each, sorted descending
+        sims.append(torch.from_numpy(s))
+        idx.append(torch.from_numpy(i).long())
     return torch.cat(sims), torch.cat(idx)

@@ -82,8 +82,9 @@ class Method(nn.Module):
         A method overrides it when part of its state needs its own update rule (PIC's N-row
         classifier is updated sparsely, with the closed-form correction for skipped steps). The loop
         sets every param group's "lr" each step and calls `step()`; nothing else is assumed.
-        `impl` (--optimizer-impl: auto, plain, foreach, fused) picks SGD's kernels, not its maths;
-        an override may leave it out, and is then called without it (runtime.build_optimizer).
+        `impl` (--optimizer-impl: auto, plain, foreach, fused) picks SGD's kernels, not its maths.
+        Every override keeps this signature; one whose optimiser cannot take `impl` says so with an
+        InstdiscWarning (PIC's sampled rows) rather than silently ignoring it.
         """
         return make_sgd(self.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, impl=impl)
 

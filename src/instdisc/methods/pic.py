@@ -28,6 +28,7 @@ nn.Parameter trained by plain SGD over all N rows.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 
 from instdisc.augment import AugmentConfig
 from instdisc.dist import all_gather_cat, rank
-from instdisc.errors import ConfigError
+from instdisc.errors import ConfigError, InstdiscWarning
 from instdisc.memory import ring_write_
 from instdisc.methods.base import EpochContext, Method, StepOutput, full_precision
 from instdisc.models import ProjectionHead
@@ -238,7 +239,12 @@ class PIC(Method):
         chunks = [self.rows.current(ids)[0].to(device) for ids in torch.arange(self.num_samples).split(65536)]
         return F.normalize(torch.cat(chunks).float(), dim=1)  # (N, D), corrected to the current step
 
-    def configure_optimizer(self, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    def configure_optimizer(
+        self, lr: float, momentum: float, weight_decay: float, impl: str = "auto"
+    ) -> torch.optim.Optimizer:
         if self.rows is None:
-            return super().configure_optimizer(lr, momentum, weight_decay)
+            return super().configure_optimizer(lr, momentum, weight_decay, impl)
+        if impl != "auto":  # the sampled rows have their own update rule, which has one kernel
+            warnings.warn(f"--optimizer-impl {impl} is ignored: PIC with sampled classes builds its own optimiser "
+                          "(SampledRowSGD).", InstdiscWarning, stacklevel=3)
         return SampledRowSGD(self.parameters(), self.rows, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -139,26 +139,3 @@ def _resize_all(images: np.ndarray, image_size: int | None) -> np.ndarray:
         out[i] = np.asarray(fit_image(Image.fromarray(a), (image_size, image_size)))
     return out
 
-
-def _cached_or_build(
-    cache: Path,
-    key: str,
-    name: str,
-    split: str,
-    image_size: int | None,
-    build: Callable[[], tuple[np.ndarray, np.ndarray | None, list[str], dict[str, Any]]],
-) -> ArrayImageSet:
-    hit = _load_cached(cache, key, name, split)
-    if hit is not None:
-        return hit
-    images, labels, classes, meta = build()
-    return _save_arrays(
-        cache,
-        key,
-        _resize_all(images, image_size),
-        labels,
-        classes,
-        name=name,
-        split=split,
-        meta=meta,
-    )

@@ -520,7 +520,7 @@ class _TarTree(_ArchiveTree):
                 f"{self.path} holds large images in a compressed tar, which cannot be read at "
                 "random without decompressing it again for every image. Decompress it once "
                 "(e.g. `gunzip -k FILE.tar.gz`, which keeps it a single .tar file) or extract it, and "
-                "pass that instead -- or pass in_memory=True to decode everything into the array "
+                "pass that instead -- or pass stream=False to decode everything into the array "
                 "cache (only sensible if it fits in memory/disk)."
             )
         return _TarItems(
