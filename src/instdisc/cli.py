@@ -270,7 +270,10 @@ def cmd_train(argv: Sequence[str]) -> int:
         ) from None
     finally:
         dist.cleanup(wait_for_peers=ok, destroy=False)  # the process ends with dist.leave (main)
-    if env.is_main:
+    if env.is_main:  # the command line, for the report's rerun command (report.record_command)
+        from instdisc.report import record_command
+
+        record_command(cfg.run.out, list(argv), world_size=env.world_size, resumed=resume)
         print(f"outputs: {cfg.run.out} (config.json, metrics.jsonl, checkpoints/)")
     # Stopped by SIGTERM/SIGINT/SIGUSR1 (checkpoint written): not a finished run, so not status 0.
     return 128 + metrics["signal"] if metrics.get("signal") else 0
@@ -624,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("map", help="PNG: 2-D map (PCA or t-SNE) of the test embedding, coloured by label")
     features_args(mp, files=False)
     mp.add_argument("--out", required=True, type=image_path, help="output picture (.png)")
-    mp.add_argument("--method", choices=["pca", "tsne"], default="pca", help="pca (fast) or tsne (default pca)")
+    mp.add_argument("--method", choices=["auto", "pca", "tsne"], default="auto",
+                    help="auto (default: tsne up to 5,000 points, pca above), pca (fast) or tsne")
     mp.add_argument("--max-points", type=min2_int, default=2000, help="test images drawn (seeded) into the map (default 2000)")
     mp.set_defaults(func=cmd_map)
 
@@ -635,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--full", action="store_true", help="also run linear probe, low-shot and per-stage protocols")
     rp.add_argument("--queries", type=positive_int, default=8, help="rows of the neighbour grid (default 8)")
     rp.add_argument("-k", type=positive_int, default=20, help="neighbours per row of the grid (default 20)")
-    rp.add_argument("--map", choices=["pca", "tsne"], default="pca", help="2-D map: pca (fast) or tsne (default pca)")
+    rp.add_argument("--map", choices=["auto", "pca", "tsne"], default="auto",
+                    help="2-D map: auto (default: tsne up to 5,000 points, pca above), pca (fast) or tsne")
     rp.add_argument("--seed", type=seed_int, default=0, help=SEED_HELP)
     rp.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
     rp.add_argument("--device", default="auto", help=DEVICE_HELP)

@@ -3,15 +3,18 @@
 The page holds everything inline (images as base64 PNG, charts as SVG, no external files, no
 network), so it can be mailed or archived alone:
 
-* the run's configuration and its final numbers;
+* the run's configuration and its final numbers, every value written by `visual.format_number`;
+* the command that started the run (RUN_DIR/command.json, `record_command`) and a line that
+  trains it again into a new folder;
 * training curves from metrics.jsonl: loss and learning rate per logged step, the kNN monitor per
   epoch, and a chart for every other number the method logs per epoch (SeLa's NMI, label
-  accuracy...);
+  accuracy...), one line per head for numbers logged per head; numbers logged once or constant
+  are a table;
 * the evaluation tables found in RUN_DIR/eval/ (written by `instdisc knn/linear/lowshot/stages`
   on the run), plus a kNN sweep computed here (cheap once the features are cached);
   `--full` also runs the linear probe, low-shot and per-stage protocols;
-* a neighbour grid (test queries and their 20 nearest training images) and a 2-D map of the test
-  embedding;
+* a neighbour grid (test queries and their 20 nearest training images, with their similarities)
+  and a 2-D map of the test embedding (t-SNE up to 5,000 points, PCA above);
 * cluster grids and metrics for methods with pseudo-labels (SeLa), drawn with `instdisc.cluster`,
   and any PNG under RUN_DIR/figures/ or RUN_DIR/clusters/ (`instdisc clusters` writes there).
 
@@ -26,6 +29,9 @@ import base64
 import html
 import json
 import math
+import os
+import re
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,7 @@ from PIL import Image
 from instdisc import __version__
 from instdisc.checkpoint import atomic_write_text
 from instdisc.errors import UserError
+from instdisc.visual import format_number
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
@@ -47,6 +54,7 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}.charts{display:flex;flex-wrap:w
 .note{color:#8a5a00;background:#fff8e6;border:1px solid #f0deb0;padding:6px 10px;font-size:12.5px;margin:6px 0}
 figure{margin:8px 0}figcaption{font-size:12px;color:#555}img{max-width:100%;image-rendering:pixelated}
 details summary{cursor:pointer;font-size:13px}
+pre.cmd{background:#f6f6f6;border:1px solid #ddd;padding:6px 10px;font-size:12.5px;white-space:pre-wrap;word-break:break-all;user-select:all}
 """
 
 # Sets data-status on <html>: "ok" when every <img> decoded and no script error fired, else "error".
@@ -83,44 +91,68 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-def training_charts(records: list[dict[str, Any]]) -> list[str]:
-    """SVG charts of the training log: loss, lr, kNN monitor, then any other per-epoch number."""
+_PER_HEAD = re.compile(r"^(?P<base>.+)_h(?P<head>\d+)$")  # "nmi_h3": head 3's value (SeLa logs these)
+
+
+def training_charts(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """SVG charts of the training log (loss, lr, kNN monitor, then every other per-epoch number)
+    and the rows of a table for the numbers not worth a chart.
+
+    A number logged per head ("nmi_h0", "nmi_h1", ...) is one chart with one line per head (the
+    mean over heads the method also logs is then left out: it is one of those lines' average). A
+    series with fewer than two points, or the same value at every point (e.g. a count of heads, a
+    one-off start-up time), is a row of the table instead: its chart would be a dot or a flat line.
+    """
     from instdisc.visual import svg_line_chart
 
     steps = [r for r in records if r.get("type") == "step"]
     epochs = [r for r in records if r.get("type") == "epoch"]
-    charts = []
+    charts: list[str] = []
+    values: list[dict[str, Any]] = []
+
+    def pts(recs: list[dict[str, Any]], xkey: str, key: str) -> list[tuple[float, float]]:
+        return [(r[xkey], r[key]) for r in recs if _num(r.get(key)) and _num(r.get(xkey))]
+
+    def add(title: str, xlabel: str, series: dict[str, list[tuple[float, float]]]) -> None:
+        series = {name: p for name, p in series.items() if p}
+        if not series:
+            return
+        if all(len(p) < 2 or len({y for _, y in p}) == 1 for p in series.values()):
+            for name, p in series.items():
+                where = f"{xlabel} {format_number(p[0][0])}"
+                if len(p) > 1:
+                    where = f"{len(p)} times, {xlabel}s {format_number(p[0][0])} to {format_number(p[-1][0])}, constant"
+                values.append({"number": title if len(series) == 1 else f"{title}, {name}", "value": p[-1][1],
+                               "logged": where})
+            return
+        charts.append(svg_line_chart({name: ([a for a, _ in p], [b for _, b in p]) for name, p in series.items()},
+                                     title=title, xlabel=xlabel))
+
     if len(steps) >= 3:  # else the per-epoch means say more
-        xs = [r["step"] for r in steps if _num(r.get("loss"))]
-        charts.append(svg_line_chart({"loss": (xs, [r["loss"] for r in steps if _num(r.get("loss"))])},
-                                     title="training loss", xlabel="step"))
-        lr = [(r["step"], r["lr"]) for r in steps if _num(r.get("lr"))]
-        if lr:
-            charts.append(svg_line_chart({"lr": ([a for a, _ in lr], [b for _, b in lr])},
-                                         title="learning rate", xlabel="step"))
+        add("training loss", "step", {"loss": pts(steps, "step", "loss")})
+        add("learning rate", "step", {"lr": pts(steps, "step", "lr")})
     elif epochs:
-        ep = [(r["epoch"], r["loss"]) for r in epochs if _num(r.get("loss"))]
-        if ep:
-            charts.append(svg_line_chart({"loss": ([a for a, _ in ep], [b for _, b in ep])},
-                                         title="training loss (epoch mean)", xlabel="epoch"))
-    knn = {k: [(r["epoch"], r[k]) for r in epochs if _num(r.get(k))] for k in ("knn_top1", "knn_top5")}
-    if knn["knn_top1"]:
-        charts.append(svg_line_chart({k.replace("knn_", ""): ([a for a, _ in v], [b for _, b in v])
-                                      for k, v in knn.items() if v},
-                                     title="kNN monitor (%)", xlabel="epoch"))
-    others = sorted({k for r in epochs for k, v in r.items() if k not in _EPOCH_SKIP and _num(v)})
-    for k in others:
-        pts = [(r["epoch"], r[k]) for r in epochs if _num(r.get(k))]
-        if len(pts) >= 1:
-            charts.append(svg_line_chart({k: ([a for a, _ in pts], [b for _, b in pts])}, title=k, xlabel="epoch"))
-    return charts
+        add("training loss (epoch mean)", "epoch", {"loss": pts(epochs, "epoch", "loss")})
+    knn = {k.replace("knn_", ""): pts(epochs, "epoch", k) for k in ("knn_top1", "knn_top5")}
+    if knn["top1"]:
+        add("kNN monitor (%)", "epoch", knn)
+    keys = sorted({k for r in epochs for k, v in r.items() if k not in _EPOCH_SKIP and _num(v)})
+    per_head: dict[str, dict[int, str]] = {}
+    for k in keys:
+        m = _PER_HEAD.match(k)
+        if m:
+            per_head.setdefault(m["base"], {})[int(m["head"])] = k
+    for base in sorted({_PER_HEAD.match(k)["base"] if _PER_HEAD.match(k) else k for k in keys}):  # type: ignore[index]
+        if base in per_head:
+            add(base, "epoch", {f"head {h}": pts(epochs, "epoch", per_head[base][h]) for h in sorted(per_head[base])})
+        else:
+            add(base, "epoch", {base: pts(epochs, "epoch", base)})
+    return charts, values
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str], headers: list[str] | None = None) -> str:
     def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.2f}"
-        return html.escape("" if v is None else str(v))
+        return "" if v is None else html.escape(format_number(v))
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in (headers or columns))
     body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
@@ -128,7 +160,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str], headers: list[str] | 
 
 
 def _kv_table(d: dict[str, Any]) -> str:
-    rows = "".join(f'<tr><td class="l">{html.escape(str(k))}</td><td class="l">{html.escape(json.dumps(v))}</td></tr>'
+    rows = "".join(f'<tr><td class="l">{html.escape(str(k))}</td><td class="l">{html.escape(format_number(v))}</td></tr>'
                    for k, v in d.items())
     return f"<table>{rows}</table>"
 
@@ -153,10 +185,12 @@ def evaluation_html(results: dict[str, dict[str, Any]]) -> str:
             parts.append(_table([row], list(row), ["features", "input norm", "top-1 %", "top-5 %", "lr", "epochs",
                                                    "batch", "weight decay"]))
         elif name.startswith("lowshot") and res.get("rows"):
-            rows = [{"k": r["k"], "acc": (f"{r['mean']:.2f} ± {r['std']:.2f}" if "mean" in r else r.get("skipped", "")),
+            rows = [{"k": r["k"], "acc": (f"{format_number(float(r['mean']))} ± {format_number(float(r['std']))}"
+                                          if "mean" in r else r.get("skipped", "")),
                      "draws": len(r.get("runs", []))} for r in res["rows"]]
             parts.append(f"<h3>low-shot ({title})</h3><p class='sub'>{when}; {html.escape(str(res.get('classifier', '')))}"
-                         f", C={html.escape(str(res.get('C', '')))}, features: {html.escape(str(res.get('features', '')))}</p>")
+                         f", C={html.escape(format_number(res.get('C', '')))}, features: "
+                         f"{html.escape(str(res.get('features', '')))}</p>")
             parts.append(_table(rows, ["k", "acc", "draws"], ["images per class", "top-1 % (mean ± std)", "draws"]))
         elif name.startswith("stages") and res.get("rows"):
             parts.append(f"<h3>per-stage evaluation ({title})</h3><p class='sub'>{when}</p>")
@@ -198,27 +232,42 @@ def neighbour_figure(ev, *, queries: int, k: int, seed: int, indices: list[int] 
     caps = [names[int(y)] if int(y) < len(names) else str(int(y)) for y in qy]
     img = neighbour_grid([ev.test_images.read(int(i)) for i in q_idx],
                         [[ev.train_images.read(int(j)) for j in row] for row in nn_idx.tolist()],
-                        agree, captions=caps)
+                        agree, captions=caps, sims=sims.tolist())
     frac = 100.0 * float(np.mean(agree)) if agree else 0.0
-    return img, (f"{len(q_idx)} test images (blue) and their {nn_idx.shape[1]} nearest training images by "
-                 f"cosine similarity of the embedding; green = same label as the query, red = different "
-                 f"({frac:.1f}% agree). Test indices: {', '.join(map(str, q_idx.tolist()))}.")
+    return img, (f"{len(q_idx)} test images (blue, their class under them) and their {nn_idx.shape[1]} nearest "
+                 f"training images by cosine similarity of the embedding (the similarity under each); green = same "
+                 f"label as the query, red = different ({format_number(frac)}% agree). Test indices: "
+                 f"{', '.join(map(str, q_idx.tolist()))}.")
 
 
 def map_figure(x: torch.Tensor, y: torch.Tensor, classes: list[str], *, method: str, max_points: int,
                seed: int) -> tuple[Image.Image, str]:
-    from instdisc.visual import embed_2d, scatter_map
+    """A 2-D map of (a seeded subsample of) the test embedding; method "auto" picks t-SNE for up to
+    `visual.TSNE_MAX_POINTS` points and PCA above (the caption says which, and why)."""
+    from instdisc.visual import TSNE_MAX_POINTS, embed_2d, map_method_for, scatter_map
 
     n = x.shape[0]
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_points), replace=False))
-    xy = embed_2d(x[torch.from_numpy(idx)], method, seed=seed)  # type: ignore[arg-type]
-    img = scatter_map(xy, y.numpy()[idx], classes, title=f"{method.upper()} of the test embedding ({len(idx)} points)")
-    return img, f"{method.upper()} of {len(idx)} of {n} test embeddings (seeded subsample), coloured by label."
+    chosen = map_method_for(len(idx), method)
+    name = {"pca": "PCA", "tsne": "t-SNE"}[chosen]
+    xy = embed_2d(x[torch.from_numpy(idx)], chosen, seed=seed)
+    img = scatter_map(xy, y.numpy()[idx], classes, title=f"{name} of the test embedding ({len(idx)} points)")
+    why = ""
+    if method == "auto":
+        why = (f" {name}, chosen for {format_number(len(idx))} points: t-SNE up to {format_number(TSNE_MAX_POINTS)} "
+               "points (it separates what the top two principal components mix), PCA above (t-SNE's cost grows "
+               "with the points).")
+    sample = "all" if len(idx) == n else f"{format_number(len(idx))} of"
+    return img, (f"{name} of {sample} {format_number(n)} test embeddings"
+                 f"{'' if len(idx) == n else ' (seeded subsample)'}, coloured by label.{why}")
 
 
-def cluster_section(subject, ev, *, heads: int = 3) -> tuple[str, list[str]]:
+def cluster_section(subject, ev) -> tuple[str, list[str]]:
     """Cluster grids and metrics of a clustering method's pseudo-labels (a buffer named "labels",
     (N,) or (H, N), as SeLa keeps them), drawn by `instdisc.cluster` where it exists.
+
+    Every head is shown; the heads whose number of clusters equals the number of classes come first
+    (the only ones with a Hungarian-matched accuracy against the classes).
 
     Returns (html, notes); ("", []) for methods without pseudo-labels.
     """
@@ -232,26 +281,35 @@ def cluster_section(subject, ev, *, heads: int = 3) -> tuple[str, list[str]]:
 
     labels = labels.reshape(-1, n).cpu()  # (H, N)
     true = ev.train_y.numpy()
+    num_classes = int(ev.num_classes)
+    sizes = getattr(subject.module, "sizes", None)  # K per head, where the method keeps it (SeLa does)
+    if not (isinstance(sizes, (list, tuple)) and len(sizes) == labels.shape[0]):
+        sizes = [int(labels[h].max()) + 1 for h in range(labels.shape[0])]  # else the largest id used
+    order = sorted(range(labels.shape[0]), key=lambda h: (int(sizes[h]) != num_classes, h))
     parts, rows, notes = [], [], []
-    for h in range(min(heads, labels.shape[0])):
+    for h in order:
         pred = labels[h].numpy()
+        k = int(sizes[h])
         try:
-            if hasattr(cluster, "cluster_metrics"):
-                rows.append({"head": h, "clusters used": int(len(np.unique(pred))),
-                             **{k: 100.0 * v for k, v in cluster.cluster_metrics(pred, true).items()}})
+            m = cluster.cluster_metrics(pred, true, num_clusters=k, num_classes=num_classes)
+            rows.append({"head": h, "clusters": k, "used": int(len(np.unique(pred))),
+                         **{key: 100.0 * v for key, v in m.items()}})
             img = cluster.cluster_grid(ev.train_images, pred, true, class_names=ev.classes or None, seed=h)
         except Exception as e:  # a figure must not take the whole report down
             notes.append(f"cluster grid of head {h} failed: {type(e).__name__}: {str(e)[:200]}")
             continue
         parts.append(_img(png_data_uri(img.convert("RGB")), f"clusters of head {h}",
-                          f"head {h}: the purest clusters of the checkpoint's pseudo-labels, random members each "
-                          "(caption: majority class and its share)"))
+                          f"head {h} (K = {k}): the purest clusters of the checkpoint's pseudo-labels, random "
+                          "members each (caption: majority class and its share)"))
     if not parts and not rows:
         return "", notes
-    cols = list(rows[0]) if rows else []
-    table = _table(rows, cols) if rows else ""
-    more = f" (first {heads} of {labels.shape[0]} heads)" if labels.shape[0] > heads else ""
-    return f"<h2>Clusters{more}</h2><p class='sub'>metrics in % against the ground-truth labels</p>{table}" + "".join(parts), notes
+    cols = ["head", "clusters", "used", "nmi", "ari", "purity", "acc"]
+    table = _table(rows, cols, ["head", "clusters K", "clusters used", "NMI %", "ARI %", "purity %",
+                                "accuracy % (Hungarian, K = classes only)"]) if rows else ""
+    first = (f"; the head{'s' if sum(int(k) == num_classes for k in sizes) > 1 else ''} with K = {num_classes} "
+             "(the number of classes) first" if any(int(k) == num_classes for k in sizes) else "")
+    return (f"<h2>Clusters</h2><p class='sub'>all {labels.shape[0]} head(s){first}; metrics in % against the "
+            f"ground-truth labels</p>{table}" + "".join(parts)), notes
 
 
 def build_report(
@@ -261,7 +319,7 @@ def build_report(
     device: str = "auto",
     queries: int = 8,
     k: int = 20,
-    map_method: str = "pca",
+    map_method: str = "auto",
     map_points: int = 2000,
     full: bool = False,
     seed: int = 0,
@@ -276,7 +334,8 @@ def build_report(
     Args:
         data: source to evaluate on (default: the run's own).
         queries, k: rows and neighbours of the neighbour grid.
-        map_method: "pca" or "tsne" for the 2-D map; map_points: its (seeded) subsample size.
+        map_method: "auto" (t-SNE up to `visual.TSNE_MAX_POINTS` points, PCA above), "pca" or "tsne"
+            for the 2-D map; map_points: its (seeded) subsample size.
         full: also run the linear probe, low-shot and per-stage protocols (saved to RUN_DIR/eval).
     """
     from instdisc import evaluate as E
@@ -357,13 +416,114 @@ def _run_full(ev, notes: list[str], **kw: Any) -> None:
         notes.append(f"--full evaluation stopped: {e}")
 
 
+COMMAND_FILE = "command.json"  # RUN_DIR/command.json: the `instdisc train` command line that started the run
+
+
+def record_command(run_dir: str | Path, argv: list[str], *, world_size: int = 1, resumed: bool = False) -> None:
+    """Write RUN_DIR/command.json: the `instdisc train` arguments of this launch, its working
+    directory and number of processes, so the report can print the command that rebuilds the run.
+
+    Called by `instdisc train` once training returned (the folder is then this run's). A launch
+    that continues a run (--resume) keeps the file of the launch that started it, which is the
+    command to rerun; it writes one only where none exists (marked "resumed"). Nothing is written
+    before the first checkpoint, so `--resume auto` still finds an unstarted folder as one.
+    """
+    from instdisc.checkpoint import LAST, PREV, checkpoint_dir
+
+    run = Path(run_dir)
+    path = run / COMMAND_FILE
+    if (resumed and path.is_file()) or not any((checkpoint_dir(run) / f).is_file() for f in (LAST, PREV)):
+        return
+    # torchrun and srun tell each process how many run on its node: one node -> a standalone launch
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or str(world_size)
+    payload = {"argv": ["instdisc", "train", *map(str, argv)], "cwd": os.getcwd(), "world_size": int(world_size),
+               "nodes": max(1, int(world_size) // max(1, int(local))) if local.isdigit() else None,
+               "resumed": bool(resumed), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_text(path, json.dumps(payload, indent=2))
+
+
+def read_command(run_dir: str | Path) -> dict[str, Any] | None:
+    """RUN_DIR/command.json as written by `record_command`, or None (absent or unreadable)."""
+    try:
+        cmd = json.loads((Path(run_dir) / COMMAND_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(cmd, dict) and isinstance(cmd.get("argv"), list) and all(isinstance(a, str) for a in cmd["argv"])
+    return cmd if ok else None
+
+
+def rerun_command(cmd: dict[str, Any], out: str | None = None) -> str:
+    """The shell line that trains the recorded run again: `cd` to its working directory, the same
+    arguments (under torchrun with as many processes when it had several), and with `out` as
+    --out (a new folder: the old one already holds the run)."""
+    argv = list(cmd["argv"])
+    if out is not None:
+        new: list[str] = []
+        skip = False
+        for a in argv:
+            if skip:
+                new.append(out)
+                skip = False
+            elif a == "--out":
+                new.append(a)
+                skip = True
+            elif a.startswith("--out="):
+                new.append(f"--out={out}")
+            else:
+                new.append(a)
+        argv = new
+    world = int(cmd.get("world_size", 1) or 1)
+    if world > 1 and argv[:1] == ["instdisc"]:
+        nodes = cmd.get("nodes")
+        launch = ["--standalone", f"--nproc_per_node={world}"] if nodes == 1 else [
+            f"--nnodes={nodes}", f"--nproc_per_node={world // nodes}"] if nodes else [f"--nproc_per_node={world}"]
+        argv = ["torchrun", *launch, "-m", "instdisc", *argv[1:]]
+    line = shlex.join(argv)
+    return f"cd {shlex.quote(str(cmd['cwd']))} && {line}" if cmd.get("cwd") else line
+
+
+def _out_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--out" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--out="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def command_html(run: Path) -> str:
+    """The "Command" section: the recorded command line and a copy-able line that reruns it."""
+    cmd = read_command(run)
+    if cmd is None:
+        return ("<h2>Command</h2><p class='sub'>no command recorded: RUN_DIR/command.json is written by "
+                "<code>instdisc train</code> (runs made from Python or before it recorded commands have none); "
+                "the configuration below is complete.</p>")
+    out = _out_arg(cmd["argv"])
+    rerun = rerun_command(cmd, (out.rstrip("/") + "-rerun") if out else None)
+    when = html.escape(str(cmd.get("date", "")))
+    procs = int(cmd.get("world_size", 1) or 1)
+    nodes = cmd.get("nodes")
+    how = (f", {procs} processes on {nodes} node(s)" if nodes else f", {procs} processes") if procs > 1 else ""
+    if procs > 1 and nodes and nodes > 1:
+        how += "; run the torchrun line on every node, with its rendezvous flags"
+    resumed = (" This is the command of a later launch that continued the run (the first one was not recorded)."
+               if cmd.get("resumed") else "")
+    return (f"<h2>Command</h2><p class='sub'>the command that started this run ({when}{how}).{resumed}</p>"
+            f"<pre class='cmd'>{html.escape(shlex.join(cmd['argv']))}</pre>"
+            "<p class='sub'>to train it again into a new folder (copy and paste):</p>"
+            f"<pre class='cmd'>{html.escape(rerun)}</pre>")
+
+
 def _page(run: Path, cfg: dict[str, Any], records: list[dict[str, Any]], results: dict[str, dict[str, Any]],
           figures: list[str], notes: list[str], seconds: float) -> str:
     r = cfg.get("run", {})
     m = cfg.get("model", {})
     d = cfg.get("data", {})
     o = cfg.get("optim", {})
-    title = f"{run.name}: {r.get('method', '?')} on {d.get('data', '?')}"
+    data = str(d.get("data", "?"))
+    if "/" in data or os.sep in data:  # a path: its last part names it, the full path is in the configuration
+        data = Path(data).name
+    title = f"{run.resolve().name}: {r.get('method', '?')} on {data}"
     epochs = [x for x in records if x.get("type") == "epoch"]
     finals = [x for x in records if x.get("type") == "final"]
     summary = {
@@ -372,20 +532,29 @@ def _page(run: Path, cfg: dict[str, Any], records: list[dict[str, Any]], results
         "batch size": o.get("batch_size"), "seed": r.get("seed"),
     }
     if epochs and _num(epochs[-1].get("knn_top1")):
-        summary["last kNN monitor top-1 %"] = round(float(epochs[-1]["knn_top1"]), 2)
+        summary["last kNN monitor top-1 %"] = float(epochs[-1]["knn_top1"])
     if finals:
-        summary.update({f"final {k}": round(float(v), 2) for k, v in finals[-1].items() if k.startswith("knn") and _num(v)})
-    charts = training_charts(records)
+        summary.update({f"final {k.replace('knn_', 'kNN ')} %": float(v) for k, v in finals[-1].items()
+                        if k.startswith("knn") and _num(v)})
+    charts, values = training_charts(records)
+    if charts or values:
+        training = (f"<div class='charts'>{''.join(charts)}</div>" if charts else "")
+        if values:
+            training += ("<h3>logged once or constant</h3>"
+                         + _table(values, ["number", "value", "logged"], ["number", "value", "logged"]))
+    else:
+        training = "<p class='sub'>no metrics logged yet</p>"
     cfg_html = "".join(f"<h3>{html.escape(sec)}</h3>{_kv_table(vals)}" for sec, vals in cfg.items() if isinstance(vals, dict))
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style><script>{_STATUS_JS}</script></head><body>",
-        f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(str(run.resolve()))} · report by instdisc "
-        f"{html.escape(__version__)} on {time.strftime('%Y-%m-%d %H:%M')} ({seconds:.1f} s)</p>",
+        f"<h1>{html.escape(title)}</h1><p class='sub'>report by instdisc {html.escape(__version__)} on "
+        f"{time.strftime('%Y-%m-%d %H:%M')} ({format_number(seconds)} s)</p>",
         "".join(f"<div class='note'>{html.escape(n)}</div>" for n in notes),
         f"<h2>Summary</h2>{_kv_table(summary)}",
-        "<h2>Training</h2>" + (f"<div class='charts'>{''.join(charts)}</div>" if charts else "<p class='sub'>no metrics logged yet</p>"),
+        command_html(run),
+        "<h2>Training</h2>" + training,
         "<h2>Evaluation</h2>" + (evaluation_html(results) or "<p class='sub'>no evaluation results in eval/</p>"),
         "".join(figures),
         f"<h2>Configuration</h2>{cfg_html or '<p class=sub>no config.json</p>'}",

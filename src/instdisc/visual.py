@@ -43,8 +43,52 @@ def class_colours(n: int) -> list[tuple[int, int, int]]:
     return out  # type: ignore[return-value]
 
 
-def _font() -> ImageFont.ImageFont:
-    return ImageFont.load_default()
+# Text drawn into pictures: 12 px (Pillow's default is 10 px, too small to read beside a 64 px cell).
+TEXT_PX = 12
+
+
+def _font(size: int = TEXT_PX) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1 with FreeType)
+    except TypeError:  # older Pillow: its one bitmap font
+        return ImageFont.load_default()
+
+
+def format_number(v: object) -> str:
+    """The one way the report writes a value: numbers by magnitude, everything else as plain text.
+
+    Integers get thousands separators (12345 -> "12,345"); floats of 10,000 or more are rounded
+    to integers the same way; floats from 1 to 10,000 get two decimals (97.2222 -> "97.22"); smaller
+    ones four significant digits (0.001 -> "0.001", 0.0625 -> "0.0625") and below 1e-4 an exponent
+    (3e-05 -> "3e-5"); 0 is "0". Strings are returned as they are (no JSON quotes), lists joined
+    with ", ", None as "none" and booleans as "yes" / "no".
+    """
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        x = float(v)
+        if not math.isfinite(x):
+            return str(x)
+        a = abs(x)
+        if a == 0:
+            return "0"
+        if a >= 1e15:
+            return f"{x:.3e}".replace("e+", "e")
+        if a >= 1e4:
+            return f"{x:,.0f}"
+        if a >= 1:
+            return f"{x:,.2f}"
+        if a >= 1e-4:
+            return f"{x:.4g}"
+        mant, exp = f"{x:.3g}".split("e")
+        return f"{mant}e{int(exp)}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(format_number(x) for x in v)
+    return str(v)
 
 
 def _cell(img: np.ndarray, size: int) -> Image.Image:
@@ -67,6 +111,7 @@ def neighbour_grid(
     agree: Sequence[Sequence[bool]],
     *,
     captions: Sequence[str] | None = None,
+    sims: Sequence[Sequence[float]] | None = None,
     cell: int = 64,
     border: int = 3,
     gap: int = 4,
@@ -78,18 +123,24 @@ def neighbour_grid(
         neighbours: Q lists of K images, nearest first.
         agree: Q lists of K booleans: neighbour label == query label.
         captions: optional text under each query (e.g. its class name).
+        sims: optional Q lists of K cosine similarities, written under each neighbour.
         cell: side of an image in pixels (borders are drawn inside it).
     """
     if len(queries) != len(neighbours) or len(queries) != len(agree):
         raise ValueError("queries, neighbours and agree must have one entry per query")
     k = max((len(n) for n in neighbours), default=0)
-    cap_h = 12 if captions else 0
+    font = _font()
+    cap_h = TEXT_PX + 4 if captions or sims else 0
     row_h = cell + cap_h + gap
     width = gap + (cell + gap) * (k + 1) + gap
     height = gap + row_h * len(queries)
     out = Image.new("RGB", (width, max(height, 1)), BACKGROUND)
     draw = ImageDraw.Draw(out)
-    font = _font()
+
+    def fit(text: str) -> str:  # cut to the cell's width, so a long class name never runs into the next cell
+        while text and draw.textlength(text, font=font) > cell:
+            text = text[:-1]
+        return text
 
     def paste(img: np.ndarray, x: int, y: int, colour: tuple[int, int, int]) -> None:
         inner = cell - 2 * border
@@ -101,10 +152,30 @@ def neighbour_grid(
         y = gap + r * row_h
         paste(q, gap, y, QUERY)
         if captions:
-            draw.text((gap, y + cell + 1), captions[r][: max(1, cell // 6)], fill=(60, 60, 60), font=font)
+            draw.text((gap, y + cell + 1), fit(captions[r]), fill=(30, 30, 30), font=font)
         for j, (n, a) in enumerate(zip(ns, ag, strict=True)):
-            paste(n, gap + (cell + gap) * (j + 1) + gap, y, AGREE if a else DISAGREE)
+            x = gap + (cell + gap) * (j + 1) + gap
+            paste(n, x, y, AGREE if a else DISAGREE)
+            if sims is not None:
+                draw.text((x + 1, y + cell + 1), f"{float(sims[r][j]):.3f}", fill=(30, 30, 30), font=font)
     return out
+
+
+# Up to this many points the 2-D map is a t-SNE, above it PCA. A good embedding's classes are
+# separated along many directions, so its top two principal components show one mixed blob
+# (digits at 98% kNN: all ten classes overlap in PCA, t-SNE separates them); t-SNE's cost grows
+# with N (about a minute for 2,000 points on 2 CPU cores), PCA's stays under a second.
+TSNE_MAX_POINTS = 5000
+
+
+def map_method_for(n: int, method: str = "auto") -> Literal["pca", "tsne"]:
+    """The 2-D map method for `n` points: `method` itself, or for "auto" t-SNE up to
+    TSNE_MAX_POINTS points and PCA above."""
+    if method == "auto":
+        return "tsne" if n <= TSNE_MAX_POINTS else "pca"
+    if method not in ("pca", "tsne"):
+        raise ValueError(f"unknown 2-D map method {method!r}; choose auto, pca or tsne")
+    return method  # type: ignore[return-value]
 
 
 def embed_2d(
@@ -157,7 +228,7 @@ def scatter_map(
     draw = ImageDraw.Draw(img)
     font = _font()
     if title:
-        draw.text((8, 6), title, fill=(20, 20, 20), font=font)
+        draw.text((8, 5), title, fill=(20, 20, 20), font=font)
     margin = 12
     lo, hi = xy.min(0), xy.max(0)
     span = np.where(hi - lo > 0, hi - lo, 1.0)
@@ -205,13 +276,19 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    a = abs(v)
-    if a >= 1e4 or a < 1e-3:
-        return f"{v:.1e}"
-    return f"{v:.4g}"
+def _tick_labels(ticks: list[float]) -> list[str]:
+    """Axis labels: as many decimals as the tick step needs (3.166, 3.168, ... stay distinct, which
+    `format_number`'s two decimals would merge), `format_number` for whole, huge or tiny values."""
+    if len(ticks) < 2:
+        return [format_number(int(t)) if float(t).is_integer() and abs(t) < 1e15 else format_number(t) for t in ticks]
+    step = min(abs(b - a) for a, b in zip(ticks, ticks[1:], strict=False))
+    if all(float(t).is_integer() for t in ticks) and max(abs(t) for t in ticks) < 1e15:
+        return [format_number(int(t)) for t in ticks]
+    if step < 1e-4 or max(abs(t) for t in ticks) >= 1e5:
+        return [format_number(float(t)) for t in ticks]
+    dec = max(0, -math.floor(math.log10(step) + 1e-9))
+    dec += 0 if round(step * 10**dec, 6).is_integer() else 1  # a 2.5 x 10^k step needs one more
+    return [f"{t:,.{dec}f}" for t in ticks]
 
 
 def svg_line_chart(
@@ -227,7 +304,8 @@ def svg_line_chart(
 
     Non-finite points are dropped. Returns the <svg> element as a string.
     """
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf"]  # ten: SeLa's paper runs have ten heads, one line each
     clean = {}
     for name, (xs, ys) in series.items():
         pts = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True) if math.isfinite(float(x)) and math.isfinite(float(y))]
@@ -261,13 +339,15 @@ def svg_line_chart(
         return top + ph - (y - y0) / (y1 - y0) * ph
 
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>')
-    for t in _nice_ticks(y0, y1):
+    yt = _nice_ticks(y0, y1)
+    for t, label in zip(yt, _tick_labels(yt), strict=True):
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
         parts.append(f'<text x="{left - 4}" y="{sy(t) + 4:.1f}" font-size="10" text-anchor="end" '
-                     f'font-family="sans-serif">{_fmt(t)}</text>')
-    for t in _nice_ticks(x0, x1):
+                     f'font-family="sans-serif">{label}</text>')
+    xt = _nice_ticks(x0, x1)
+    for t, label in zip(xt, _tick_labels(xt), strict=True):
         parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 14}" font-size="10" text-anchor="middle" '
-                     f'font-family="sans-serif">{_fmt(t)}</text>')
+                     f'font-family="sans-serif">{label}</text>')
     if xlabel:
         parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" font-size="11" text-anchor="middle" '
                      f'font-family="sans-serif">{esc(xlabel)}</text>')
