@@ -174,3 +174,12 @@ def test_the_signals_do_not_change_training(tmp_path, one_thread):
                if r["type"] == "step"] for run in runs.values()]
     assert losses[0] == losses[1] and len(losses[0]) >= 4
     assert "rankme" in epoch_lines(runs["150"])[-1] and "rankme" not in epoch_lines(runs["0"])[-1]
+
+
+def test_by_default_the_signals_are_on_with_a_subset_chosen_for_n(tmp_path, capsys, one_thread):
+    run = tmp_path / "default"
+    args = [a for a in TINY if a not in ("--quality-subset", "300")]
+    assert main(["train", "--method", "npid", "--data", "synthetic:200", "--epochs", "1", *args, "--out", str(run)]) == 0
+    assert "--quality-subset 200 (N // 20 within [256, 2000], at most N)" in capsys.readouterr().out  # capped at N
+    assert json.loads((run / "config.json").read_text())["run"]["quality_subset"] == 200
+    assert "rankme" in epoch_lines(run)[-1]

@@ -65,7 +65,10 @@ def fill_size_defaults(cfg: TrainConfig, num_samples: int, num_classes: int) -> 
     in one line. A value the user gave is kept (and judged by the method's own checks)."""
     fill = getattr(cfg.method, "fill_defaults", None)
     chosen = fill(num_samples, num_classes) if fill is not None else []
-    d = cfg.data
+    r, d = cfg.run, cfg.data
+    if r.quality_subset is None:  # 3 forward passes of M images: ~3% of an epoch (2 views, fwd + bwd)
+        r.quality_subset = min(num_samples, max(256, min(2000, num_samples // 20)))
+        chosen.append(f"--quality-subset {r.quality_subset} (N // 20 within [256, 2000], at most N)")
     if d.sampler == "sliding" and not d.window:  # as make_order reads 0: PIC's D = N / 10, S = D / 8
         d.window = max(num_samples // 10, 1)
         chosen.append(f"--window {d.window} (N // 10, PIC's ratio)")
