@@ -351,3 +351,20 @@ def test_cli_rejects_bad_values_with_exit_code_2(tmp_path, capsys):
     assert main(["train", "--method", "moco", "--moco-m", "1.5", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "--moco-m must be in [0, 1)" in err and "Traceback" not in err
+
+
+def test_a_queue_as_large_as_the_data_is_warned_about():
+    # K >= N: every query meets an older key of its own image among its "negatives" (found when
+    # configs/moco_cifar10.yaml's 4,096 ran on digits' 1,437 images without a word).
+    import warnings as w
+
+    from instdisc.errors import InstdiscWarning
+    from instdisc.methods.moco import MoCoConfig
+
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        MoCoConfig(moco_k=4096).fill_defaults(1437)
+        MoCoConfig(moco_k=512).fill_defaults(1437)
+        MoCoConfig().fill_defaults(1437)
+    msgs = [str(c.message) for c in caught if issubclass(c.category, InstdiscWarning)]
+    assert len(msgs) == 1 and "--moco-k 4096 is not below N = 1437" in msgs[0]

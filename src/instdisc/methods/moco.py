@@ -46,6 +46,7 @@ L2-normalised backbone features instead (usually the better ones for linear prob
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -56,7 +57,7 @@ from torch import Tensor, nn
 
 from instdisc import dist
 from instdisc.augment import AugmentConfig
-from instdisc.errors import ConfigError
+from instdisc.errors import ConfigError, InstdiscWarning
 from instdisc.memory import ring_write_
 from instdisc.methods.base import Method, StepOutput, backbone_or_head_embedding, full_precision
 from instdisc.models import ProjectionHead
@@ -96,6 +97,11 @@ class MoCoConfig:
     def fill_defaults(self, num_samples: int, num_classes: int = 0) -> list[str]:
         """Set the size-dependent values left unset (None) for N = num_samples; say what was chosen."""
         if self.moco_k is not None:
+            if self.moco_k >= num_samples:
+                warnings.warn(
+                    f"--moco-k {self.moco_k} is not below N = {num_samples} training images: the queue then always "
+                    "holds an older key of each query's own image, counted as a negative. A power of two <= N / 2 "
+                    "avoids it (leave --moco-k unset to have it chosen).", InstdiscWarning, stacklevel=2)
             return []
         self.moco_k = min(65536, 1 << max(0, (max(num_samples // 2, 1)).bit_length() - 1))
         return [f"--moco-k {self.moco_k} (the largest power of two <= N / 2, at most 65536: no stale keys of "
