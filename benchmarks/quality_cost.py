@@ -20,7 +20,13 @@ import torch
 from instdisc import dist
 from instdisc.config import load_preset
 from instdisc.engine import (
-    StepParts, autocast_dtype, evaluate_quality, fill_size_defaults, lr_schedule, open_sets, train_steps,
+    StepParts,
+    autocast_dtype,
+    evaluate_quality,
+    fill_size_defaults,
+    lr_schedule,
+    open_sets,
+    train_steps,
 )
 from instdisc.guard import NonFiniteGuard
 from instdisc.loader import TrainLoader, make_order
