@@ -279,3 +279,19 @@ def test_chart_ticks_of_a_narrow_range_stay_distinct():
     svg = ET.fromstring(svg_line_chart({"loss": ([1, 2, 3], [3.165, 3.17, 3.172])}, title="loss"))
     labels = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text") if t.get("text-anchor") == "end"]
     assert len(labels) >= 3 and len(set(labels)) == len(labels), labels
+
+
+def test_label_free_signals_are_charted_after_knn_with_their_meaning():
+    import re
+
+    from instdisc.report import training_charts
+
+    recs = [{"type": "epoch", "epoch": e, "step": 10 * e, "loss": 5.0 - e, "knn_top1": 30.0 + e,
+             "align": 0.2 + 0.01 * e, "uniform": -1.0 - e, "rankme": 20.0 + e, "nn_agree": 0.5 + 0.1 * e,
+             "other": float(e)} for e in range(1, 5)]
+    charts, _ = training_charts(recs)
+    titles = [re.findall(r"<text[^>]*>([^<]*)</text>", c)[0] for c in charts]
+    i = titles.index("kNN monitor (%)")
+    assert [t.split(",")[0].split(" ")[0] for t in titles[i + 1:i + 5]] == ["alignment", "uniformity", "effective",
+                                                                            "neighbour"]
+    assert "no labels" in titles[i + 1] and titles[-1] == "other"

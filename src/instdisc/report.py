@@ -94,6 +94,15 @@ def _num(v: Any) -> bool:
 _PER_HEAD = re.compile(r"^(?P<base>.+)_h(?P<head>\d+)$")  # "nmi_h3": head 3's value (SeLa logs these)
 
 
+# instdisc.quality's signals: chart titles that say what each is and which way is better.
+_QUALITY = {
+    "align": "alignment of two views, no labels (lower: closer)",
+    "uniform": "uniformity, no labels (lower: more spread; 0 = collapse)",
+    "rankme": "effective rank RankMe, no labels (higher: more dimensions used)",
+    "nn_agree": "neighbour agreement with the previous evaluation, no labels",
+}
+
+
 def training_charts(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     """SVG charts of the training log (loss, lr, kNN monitor, then every other per-epoch number)
     and the rows of a table for the numbers not worth a chart.
@@ -136,7 +145,9 @@ def training_charts(records: list[dict[str, Any]]) -> tuple[list[str], list[dict
     knn = {k.replace("knn_", ""): pts(epochs, "epoch", k) for k in ("knn_top1", "knn_top5")}
     if knn["top1"]:
         add("kNN monitor (%)", "epoch", knn)
-    keys = sorted({k for r in epochs for k, v in r.items() if k not in _EPOCH_SKIP and _num(v)})
+    for key, title in _QUALITY.items():  # the label-free signals, after kNN and named (docs/quality.md)
+        add(title, "epoch", {key: pts(epochs, "epoch", key)})
+    keys = sorted({k for r in epochs for k, v in r.items() if k not in _EPOCH_SKIP and k not in _QUALITY and _num(v)})
     per_head: dict[str, dict[int, str]] = {}
     for k in keys:
         m = _PER_HEAD.match(k)
