@@ -16,3 +16,13 @@ def _isolated_cache(tmp_path_factory):
     if "INSTDISC_CACHE" not in os.environ:
         os.environ["INSTDISC_CACHE"] = str(tmp_path_factory.mktemp("instdisc-cache"))
     yield
+
+
+@pytest.fixture()
+def one_thread():
+    """Training in the test process with one thread: the numbers do not depend on thread scheduling,
+    and two such tests can share the 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

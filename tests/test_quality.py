@@ -116,14 +116,6 @@ TINY = ["--arch", "resnet18", "--width", "4", "--aug-size", "16", "--batch-size"
         "--knn-every", "1", "--quality-subset", "300", "--lr", "0.05", "--schedule", "cosine"]
 
 
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_training_logs_the_signals_without_labels_and_resume_repeats_them(tmp_path, one_thread):
     # An unlabelled folder: no kNN monitor is possible, the label-free signals still are.
     from PIL import Image

@@ -103,14 +103,6 @@ def train(out: Path, method: str = "npid", *extra: str) -> int:
     return main(train_args(out, method, *extra))
 
 
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 _REFERENCES: dict[str, Path] = {}
 
 
