@@ -363,6 +363,8 @@ def cmd_lowshot(args: argparse.Namespace) -> int:
     ev = _features(args, args.features)
     rows = low_shot(ev.train_x, ev.train_y, ev.test_x, ev.test_y, shots=args.shots, draws=args.draws,
                     classifier=args.classifier, C=args.C, norm=args.norm, seed=args.seed)
+    if all("mean" not in r for r in rows):  # nothing measured: a refusal, not a result
+        raise UserError(f"every --shots value is too large: {rows[0]['skipped']}.")
     save_result(ev.save_dir, "lowshot", {"features": args.features, "classifier": args.classifier, "C": args.C,
                                          "draws": args.draws, "rows": rows})
     for r in rows:
@@ -490,8 +492,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from instdisc.demo import run_demo
 
-    run_demo(out=args.out, epochs=args.epochs, overwrite=args.overwrite)
-    return 0
+    res = run_demo(out=args.out, epochs=args.epochs, overwrite=args.overwrite)
+    # stopped by a signal (checkpoint written): not a finished demo, so not status 0 (as `train`)
+    if "signal" not in res:
+        return 0
+    return 128 + int(res["signal"]) if res["signal"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -697,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("dst", help="a new (or empty) folder for the copy")
     pr.add_argument("--max-side", type=int, required=True, help="longest side of the copied images, in pixels")
     pr.add_argument("--quality", type=int, default=90, help="JPEG quality of the resized JPEGs (default 90)")
-    pr.add_argument("--workers", type=int, default=None, help="processes that decode and encode (default: all cores)")
+    pr.add_argument("--workers", type=nonnegative_int, default=None, help="processes that decode and encode (default: all cores)")
     pr.set_defaults(func=cmd_data_prepare)
 
     m = sub.add_parser("demo", help="offline demo: NPID on scikit-learn digits, learned vs random kNN (~3 min on CPU)")
