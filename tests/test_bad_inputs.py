@@ -73,6 +73,7 @@ def world(tmp_path_factory):
         np.save(d / f"{name}.labels.npy", labels)  # negative ids indexed out of range; floats were truncated
     (d / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 20)
     (d / "empty.npy").write_bytes(b"")
+    np.save(d / "norows.npy", np.zeros((0, 8), np.float32))
     # a run whose weights hold a NaN (as a diverged run's would)
     nanrun = d / "nanrun"
     (nanrun / "checkpoints").mkdir(parents=True)
@@ -179,6 +180,7 @@ CASES = [
     ("knn --train {d}/neglab.npy --test {te}", "integer >= 0"),
     ("knn --train {d}/flab.npy --test {te}", "integer >= 0"),
     ("knn --train {d}/emptydir --test {te}", "not a regular file"),
+    ("knn --train {tr} --test {d}/norows.npy", "holds no features"),
     ("knn {run} --train {tr} --test {te}", "not both"),
     ("lowshot --train {tr} --test {te} --shots 100000", "--shots"),
     ("report {d}/garbagerun", "is unreadable"),

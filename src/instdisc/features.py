@@ -133,6 +133,8 @@ def load_features(path: str | Path) -> tuple[Tensor, Tensor | None]:
         raise UserError(f"{str(path)!r} is not a readable .npy feature file: {_first_line(e) or 'empty file'}") from None
     if feats.ndim != 2:
         raise UserError(f"{str(path)!r} holds an array of shape {tuple(feats.shape)}; expected (N, D).")
+    if feats.shape[0] == 0 or feats.shape[1] == 0:  # else refused later as "k must be >= 1", naming -k
+        raise UserError(f"{str(path)!r} holds no features (shape {tuple(feats.shape)}).")
     bad_rows = (~torch.isfinite(feats)).any(dim=1)  # (N,)
     if bool(bad_rows.any()):
         first = int(bad_rows.nonzero()[0])
