@@ -104,7 +104,7 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None, overwrite: bool 
     metrics = fit(cfg, env, overwrite=overwrite)
     if metrics.get("stopped"):  # SIGTERM / Ctrl-C: a half-trained model is not "NPID (N epochs)"
         print(f"instdisc: the demo stopped before its {cfg.optim.epochs} epochs ({metrics['stopped']}), so no "
-              f"comparison is printed; `instdisc train --out {out} --resume` finishes it.", file=sys.stderr)
+              "comparison is printed (the training's own message above says how to continue it).", file=sys.stderr)
         return {"signal": float(metrics.get("signal") or 0)}
     train_min = (time.perf_counter() - t0) / 60
     learned_model, _, _ = load_run(out, env.device)
