@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,7 @@ def world(tmp_path_factory):
     np.save(d / "nan.npy", x)
     np.save(d / "nan.labels.npy", np.load(d / "tr.labels.npy"))
     (d / "text.npy").write_text("not an array\n")
+    shutil.copytree(run, d / "runcopy")  # for rows that would change a run if they were not refused
     for name, labels in (("neglab", np.load(d / "tr.labels.npy") - 5), ("flab", np.load(d / "tr.labels.npy") + 0.5)):
         np.save(d / f"{name}.npy", np.load(d / "tr.npy"))
         np.save(d / f"{name}.labels.npy", labels)  # negative ids indexed out of range; floats were truncated
@@ -187,6 +189,9 @@ CASES = [
     ("neighbours {run} --out {d}/nn.png -k 100000", "-k 100000"),
     ("data prepare {d}/emptydir {d}/prep --max-side 8 --workers -2", "--workers"),
     ("train --out {d}/t-ke " + TN + " --knn-every -1", "--knn-every"),
+    ("export {run} --format timm --out {d}/w.pt --layout banana", "--layout"),
+    ("export {run} --format timm --out {d}/w.pt --layout pic", "--layout pic"),
+    ("train --out {d}/runcopy --resume --overwrite", "contradict"),
 ]
 
 

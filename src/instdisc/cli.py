@@ -250,6 +250,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     auto = args.resume == "auto"
     if auto and args.overwrite:
         raise UserError("--resume auto and --overwrite contradict each other: --resume auto never replaces a run.")
+    if args.resume and args.overwrite:  # else one of the two was silently ignored
+        raise UserError("--resume and --overwrite contradict each other: one continues the run in --out, "
+                        "the other replaces it. Give one.")
     # --resume auto starting the run: what a launch stopped before its first checkpoint left is replaced.
     resume, overwrite = (stored_run is not None, stored_run is None) if auto else (args.resume, args.overwrite)
     if resume:  # the run's own config wins, with what the fields let a resume change (config.resume_rules)
@@ -675,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output file (.pth, .pkl, .safetensors, .onnx, .pt2)")
     ex.add_argument("--part", choices=["backbone", "backbone+head"], default="backbone",
                     help="pooled backbone features, or the projection head's output (default backbone)")
-    ex.add_argument("--layout", default=None, help="layout of released weights (default: detected)")
+    ex.add_argument("--layout", default=None, type=layout_name, help="layout of released weights (default: detected)")
     ex.set_defaults(func=cmd_export)
 
     cl = sub.add_parser("clusters", help="a SeLa run's pseudo-labels: NMI/ARI/purity/accuracy, .npy per head, PNG grid",
