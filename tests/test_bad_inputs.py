@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ def assert_refused(rc: int, out: str, err: str, needle: str = "") -> None:
     assert lines, "no message"
     paragraph = "\n".join(lines)
     assert "\n\n" not in paragraph and len(lines) == 1, f"not one paragraph:\n{err}"
-    assert re.match(r"instdisc( [a-z]+)?: error: ", lines[0]), err
+    assert re.match(r"instdisc( [a-z]+){0,2}: error: ", lines[0]), err  # `data prepare`: two words
     assert needle in paragraph, (needle, err)
     # nothing that reads like a score: a bare number, or a percentage
     assert not re.search(r"^\s*\d+(\.\d+)?\s*$|\d%", out, re.M), out
@@ -68,8 +69,13 @@ def world(tmp_path_factory):
     np.save(d / "nan.npy", x)
     np.save(d / "nan.labels.npy", np.load(d / "tr.labels.npy"))
     (d / "text.npy").write_text("not an array\n")
+    shutil.copytree(run, d / "runcopy")  # for rows that would change a run if they were not refused
+    for name, labels in (("neglab", np.load(d / "tr.labels.npy") - 5), ("flab", np.load(d / "tr.labels.npy") + 0.5)):
+        np.save(d / f"{name}.npy", np.load(d / "tr.npy"))
+        np.save(d / f"{name}.labels.npy", labels)  # negative ids indexed out of range; floats were truncated
     (d / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 20)
     (d / "empty.npy").write_bytes(b"")
+    np.save(d / "norows.npy", np.zeros((0, 8), np.float32))
     # a run whose weights hold a NaN (as a diverged run's would)
     nanrun = d / "nanrun"
     (nanrun / "checkpoints").mkdir(parents=True)
@@ -172,6 +178,20 @@ CASES = [
     ("train --out {d}/pickled --resume", "Python objects"),
     ("data check {d}/missing-folder", "not found"),
     ("data check {d}/garbage.pt", "garbage.pt"),
+    # found by the session-6 audit (docs/reliability.md)
+    ("knn --train {d}/neglab.npy --test {te}", "integer >= 0"),
+    ("knn --train {d}/flab.npy --test {te}", "integer >= 0"),
+    ("knn --train {d}/emptydir --test {te}", "not a regular file"),
+    ("knn --train {tr} --test {d}/norows.npy", "holds no features"),
+    ("knn {run} --train {tr} --test {te}", "not both"),
+    ("lowshot --train {tr} --test {te} --shots 100000", "--shots"),
+    ("report {d}/garbagerun", "is unreadable"),
+    ("neighbours {run} --out {d}/nn.png -k 100000", "-k 100000"),
+    ("data prepare {d}/emptydir {d}/prep --max-side 8 --workers -2", "--workers"),
+    ("train --out {d}/t-ke " + TN + " --knn-every -1", "--knn-every"),
+    ("export {run} --format timm --out {d}/w.pt --layout banana", "--layout"),
+    ("export {run} --format timm --out {d}/w.pt --layout pic", "--layout pic"),
+    ("train --out {d}/runcopy --resume --overwrite", "contradict"),
 ]
 
 
@@ -424,3 +444,14 @@ def test_a_tsne_map_of_very_few_points_is_drawn(world, capsys, tmp_path):
                             "--max-points", "3", "--device", "cpu"], capsys)
     assert rc == 0, err
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_a_demo_stopped_by_a_signal_prints_no_comparison_and_not_status_0(tmp_path, capsys, monkeypatch):
+    """SIGTERM mid-demo used to print "NPID (60 epochs)" scores of the half-trained model, status 0."""
+    import instdisc.demo as demo
+
+    monkeypatch.setattr(demo, "fit", lambda cfg, env, **kw: {"stopped": "SIGTERM", "signal": 15})
+    rc, out, err = run_cli(["demo", "--out", str(tmp_path / "d"), "--epochs", "1"], capsys)
+    assert rc == 128 + 15
+    assert "random init" not in out and not re.search(r"\d%", out), out
+    assert "no comparison is printed" in err

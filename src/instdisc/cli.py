@@ -250,6 +250,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     auto = args.resume == "auto"
     if auto and args.overwrite:
         raise UserError("--resume auto and --overwrite contradict each other: --resume auto never replaces a run.")
+    if args.resume and args.overwrite:  # else one of the two was silently ignored
+        raise UserError("--resume and --overwrite contradict each other: one continues the run in --out, "
+                        "the other replaces it. Give one.")
     # --resume auto starting the run: what a launch stopped before its first checkpoint left is replaced.
     resume, overwrite = (stored_run is not None, stored_run is None) if auto else (args.resume, args.overwrite)
     if resume:  # the run's own config wins, with what the fields let a resume change (config.resume_rules)
@@ -363,6 +366,8 @@ def cmd_lowshot(args: argparse.Namespace) -> int:
     ev = _features(args, args.features)
     rows = low_shot(ev.train_x, ev.train_y, ev.test_x, ev.test_y, shots=args.shots, draws=args.draws,
                     classifier=args.classifier, C=args.C, norm=args.norm, seed=args.seed)
+    if all("mean" not in r for r in rows):  # nothing measured: a refusal, not a result
+        raise UserError(f"every --shots value is too large: {rows[0]['skipped']}.")
     save_result(ev.save_dir, "lowshot", {"features": args.features, "classifier": args.classifier, "C": args.C,
                                          "draws": args.draws, "rows": rows})
     for r in rows:
@@ -490,8 +495,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from instdisc.demo import run_demo
 
-    run_demo(out=args.out, epochs=args.epochs, overwrite=args.overwrite)
-    return 0
+    res = run_demo(out=args.out, epochs=args.epochs, overwrite=args.overwrite)
+    # stopped by a signal (checkpoint written): not a finished demo, so not status 0 (as `train`)
+    if "signal" not in res:
+        return 0
+    return 128 + int(res["signal"]) if res["signal"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -670,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output file (.pth, .pkl, .safetensors, .onnx, .pt2)")
     ex.add_argument("--part", choices=["backbone", "backbone+head"], default="backbone",
                     help="pooled backbone features, or the projection head's output (default backbone)")
-    ex.add_argument("--layout", default=None, help="layout of released weights (default: detected)")
+    ex.add_argument("--layout", default=None, type=layout_name, help="layout of released weights (default: detected)")
     ex.set_defaults(func=cmd_export)
 
     cl = sub.add_parser("clusters", help="a SeLa run's pseudo-labels: NMI/ARI/purity/accuracy, .npy per head, PNG grid",
@@ -697,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("dst", help="a new (or empty) folder for the copy")
     pr.add_argument("--max-side", type=int, required=True, help="longest side of the copied images, in pixels")
     pr.add_argument("--quality", type=int, default=90, help="JPEG quality of the resized JPEGs (default 90)")
-    pr.add_argument("--workers", type=int, default=None, help="processes that decode and encode (default: all cores)")
+    pr.add_argument("--workers", type=nonnegative_int, default=None, help="processes that decode and encode (default: all cores)")
     pr.set_defaults(func=cmd_data_prepare)
 
     m = sub.add_parser("demo", help="offline demo: NPID on scikit-learn digits, learned vs random kNN (~3 min on CPU)")

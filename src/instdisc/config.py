@@ -441,6 +441,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.model.width >= 1, f"--width must be >= 1; got {cfg.model.width}"),
         (all(m >= 1 for m in o.milestones), f"--milestones are epoch numbers >= 1; got {o.milestones}"),
         (cfg.data.window >= 0 and cfg.data.stride >= 0, "--window and --stride must be >= 0 (0 = automatic)"),
+        (r.knn_every >= 0, f"--knn-every must be >= 0 (0 = only at the end); got {r.knn_every}"),
         (r.knn_k >= 1, f"--knn-k must be >= 1; got {r.knn_k}"),
         (r.knn_subset >= 0, f"--knn-subset must be >= 0 (0 = the whole training set); got {r.knn_subset}"),
         (r.knn_t > 0, f"--knn-t must be > 0; got {r.knn_t}"),

@@ -17,6 +17,7 @@ digits; 1-NN is printed so that nobody mistakes the first row for more than it i
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -100,7 +101,11 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None, overwrite: bool 
     rand = _knn_rows(build_method(cfg, len(train)).to(env.device), cfg, train, test, env.device)
 
     t0 = time.perf_counter()
-    fit(cfg, env, overwrite=overwrite)
+    metrics = fit(cfg, env, overwrite=overwrite)
+    if metrics.get("stopped"):  # SIGTERM / Ctrl-C: a half-trained model is not "NPID (N epochs)"
+        print(f"instdisc: the demo stopped before its {cfg.optim.epochs} epochs ({metrics['stopped']}), so no "
+              "comparison is printed (the training's own message above says how to continue it).", file=sys.stderr)
+        return {"signal": float(metrics.get("signal") or 0)}
     train_min = (time.perf_counter() - t0) / 60
     learned_model, _, _ = load_run(out, env.device)
     learned = _knn_rows(learned_model, cfg, train, test, env.device)

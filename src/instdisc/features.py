@@ -125,13 +125,16 @@ def load_features(path: str | Path) -> tuple[Tensor, Tensor | None]:
     """Read FILE.npy and FILE.labels.npy if present -> (features (N, D), labels (N,) or None)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"feature file {str(path)!r} does not exist (expected an .npy written by `instdisc embed`).")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise UserError(f"feature file {str(path)!r} {what} (expected an .npy written by `instdisc embed`).")
     try:
         feats = torch.from_numpy(np.load(path, allow_pickle=False)).float()
     except (ValueError, OSError, EOFError) as e:  # EOFError: an empty or truncated file
         raise UserError(f"{str(path)!r} is not a readable .npy feature file: {_first_line(e) or 'empty file'}") from None
     if feats.ndim != 2:
         raise UserError(f"{str(path)!r} holds an array of shape {tuple(feats.shape)}; expected (N, D).")
+    if feats.shape[0] == 0 or feats.shape[1] == 0:  # else refused later as "k must be >= 1", naming -k
+        raise UserError(f"{str(path)!r} holds no features (shape {tuple(feats.shape)}).")
     bad_rows = (~torch.isfinite(feats)).any(dim=1)  # (N,)
     if bool(bad_rows.any()):
         first = int(bad_rows.nonzero()[0])
@@ -143,7 +146,16 @@ def load_features(path: str | Path) -> tuple[Tensor, Tensor | None]:
     lab_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy") if path.name.endswith(".npy") else None
     labels = None
     if lab_path is not None and lab_path.is_file():
-        labels = torch.from_numpy(np.load(lab_path, allow_pickle=False)).long()
+        try:
+            raw = np.load(lab_path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"{str(lab_path)!r} is not a readable .npy label file: {_first_line(e) or 'empty file'}") from None
+        # float or negative ids would be truncated or index out of range (and vote for the wrong class)
+        if raw.ndim != 1 or not np.issubdtype(raw.dtype, np.integer) or (raw.size and raw.min() < 0):
+            raise UserError(f"{str(lab_path)!r} must hold one class id (an integer >= 0) per row; it holds "
+                            f"{raw.dtype} values of shape {raw.shape}"
+                            + (f" (the smallest is {raw.min()})" if raw.size and raw.ndim == 1 else "") + ".")
+        labels = torch.from_numpy(raw).long()
         if labels.shape[0] != feats.shape[0]:
             raise UserError(f"{str(lab_path)!r} has {labels.shape[0]} labels for {feats.shape[0]} features.")
     return feats, labels

@@ -42,7 +42,7 @@ from PIL import Image
 
 from instdisc import __version__
 from instdisc.checkpoint import atomic_write_text
-from instdisc.errors import UserError
+from instdisc.errors import CheckpointError, UserError
 from instdisc.visual import format_number
 
 _CSS = """
@@ -236,6 +236,8 @@ def neighbour_figure(ev, *, queries: int, k: int, seed: int, indices: list[int] 
         q_idx = np.sort(np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False))
     if k < 1:
         raise UserError(f"-k must be at least 1; got {k}.")
+    if k > ev.train_x.shape[0]:  # `nearest` would quietly draw fewer columns than asked for
+        raise UserError(f"-k {k} is more than the {ev.train_x.shape[0]} training images.")
     sims, nn_idx = nearest(ev.test_x[torch.from_numpy(q_idx)], ev.train_x, k)
     qy = ev.test_y[torch.from_numpy(q_idx)]
     agree = (ev.train_y[nn_idx] == qy[:, None]).tolist()
@@ -376,7 +378,9 @@ def build_report(
         ev = E.features_for(str(run), data=data, kind="embedding", device=device, batch_size=batch_size,
                             cache_dir=cache_dir, drop_unknown=drop_unknown, progress=progress)
     except UserError as e:
-        if data:  # a source the user asked for, that cannot be evaluated: an error, not a footnote
+        # a source the user asked for that cannot be evaluated, or a checkpoint that is there but
+        # corrupt: an error, not a footnote (a run with no checkpoint yet still gets its page)
+        if data or isinstance(e, CheckpointError):
             raise
         notes.append(f"no features, so no neighbours, map or kNN table: {e}")
     if ev is not None:

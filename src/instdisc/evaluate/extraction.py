@@ -308,6 +308,8 @@ def features_for(
     """
     from instdisc.features import load_features
 
+    if run and (train or test):  # one would be ignored: say so rather than evaluate the other
+        raise UserError("give a run directory / checkpoint or --train/--test feature files, not both.")
     if run:
         subject = load_subject(run, device=device, layout=layout)
         save_dir = subject.run_dir / "eval" if subject.run_dir is not None else None

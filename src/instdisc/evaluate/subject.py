@@ -103,6 +103,9 @@ def load_subject(
         return _subject_from_run(
             ck, find_checkpoint(p), dev, run_dir=p.parent if p.name == "checkpoints" else p
         )
+    if layout is not None and p.is_dir():
+        raise UserError(f"--layout {layout} is for released weights (a checkpoint file); {str(p)!r} is a run "
+                        "directory, whose layout is known: leave --layout out.")
     if not p.is_file():
         raise UserError(f"{str(p)!r} is neither a run directory nor a checkpoint file.")
     obj = published.read_weights(p)
