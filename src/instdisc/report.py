@@ -387,7 +387,9 @@ def build_report(
         rows = E.knn_table(ev.train_x, ev.train_y, ev.test_x, ev.test_y, ks=E.DEFAULT_KS,
                            ts=(cfg.get("run", {}).get("knn_t", 0.07),), num_classes=ev.num_classes)
         E.save_result(ev.save_dir, "knn", {"features": "embedding", "rows": rows, "source": ev.train_images.name})
-        img, cap = neighbour_figure(ev, queries=queries, k=k, seed=seed)
+        # The page's grid shows at most the training set (a 12-image run still gets its report;
+        # the caption says how many neighbours); `instdisc neighbours -k` beyond N is an error.
+        img, cap = neighbour_figure(ev, queries=queries, k=min(k, ev.train_x.shape[0]), seed=seed)
         figures.append(f"<h2>Nearest neighbours</h2>{_img(png_data_uri(img), 'neighbour grid', cap)}")
         img, cap = map_figure(ev.test_x, ev.test_y, ev.classes, method=map_method, max_points=map_points, seed=seed)
         figures.append(f"<h2>Test embedding in 2-D</h2>{_img(png_data_uri(img), '2-D map', cap)}")
