@@ -98,3 +98,28 @@ def test_chunks_in_one_reused_buffer_give_the_scores_of_fresh_chunks_exactly():
         parts.append(scores_from_neighbours(s, labels[i], ks=(40,), ts=(0.1,), num_classes=6)[(40, 0.1)])
     got = weighted_knn(query, bank, labels, k=40, t=0.1, num_classes=6, chunk_size=5)
     assert torch.equal(got, torch.cat(parts))
+
+
+def test_top5_counts_only_classes_that_received_votes():
+    """k = 1: the one neighbour is class 3. The published code's top-5 ranks the nine unvoted classes
+    after class 3 in tie order, so four of them "hit" as well; a class no neighbour voted for is not
+    a guess, so at k = 1 top-5 is top-1, whatever the query's label."""
+    bank = torch.randn(10, 4, generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(10)
+    query = bank[3:4] + 0.01  # (1, 4): its nearest row is row 3, class 3
+    for y in range(10):
+        acc = knn_accuracy(query, torch.tensor([y]), bank, labels, k=1, t=0.07, num_classes=10)
+        assert acc["top5"] == acc["top1"] == (100.0 if y == 3 else 0.0)
+
+
+def test_top5_matches_a_slow_reference_that_ranks_only_voted_classes():
+    g = torch.Generator().manual_seed(6)
+    bank, query = torch.randn(80, 8, generator=g), torch.randn(40, 8, generator=g)
+    labels, qy = torch.randint(0, 9, (80,), generator=g), torch.randint(0, 9, (40,), generator=g)
+    for k in (1, 3, 20):
+        ref = slow_knn(query, bank, labels, k, 0.5, 9)  # (Q, C), zero where no neighbour voted
+        hits = 0
+        for i in range(len(query)):
+            voted = sorted((c for c in range(9) if ref[i, c] > 0), key=lambda c: -ref[i, c])[:5]
+            hits += int(qy[i]) in voted
+        assert knn_accuracy(query, qy, bank, labels, k=k, t=0.5, num_classes=9)["top5"] == pytest.approx(100 * hits / 40)

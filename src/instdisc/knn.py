@@ -123,14 +123,27 @@ def scores_from_neighbours(
     return {(k, t): _votes(top_sims, top_labels, k, t, num_classes) for k in ks for t in ts}
 
 
-def topk_correct(scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, int]:
+def topk_correct(
+    scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5), *, votes: bool = False
+) -> dict[str, int]:
     """{"top1": n, "top5": n}: how many of the (Q, C) scores' rows rank their (Q,) label within the
-    first k (k above C counts as C). Counts add across query slices (the monitor's ranks)."""
+    first k (k above C counts as C). Counts add across query slices (the monitor's ranks).
+
+    ``votes=True`` (kNN vote scores, >= 0): a class that no neighbour voted for (score 0) is not a
+    guess, so it never counts as a hit. The published NPID code ranks such classes after the voted
+    ones in tie order, which makes top-5 at small k depend on how the classes are numbered (on the
+    NPID CIFAR-10 CPU preset's features: k = 1, top-5 67.0% that way against a top-1 of 41.6%);
+    at k = 200 the two rules gave the same top-5 there (91.49%; docs/benchmarks.md). A weight that
+    underflows to 0 (t far below the similarity gaps) is the same as no vote.
+    """
     labels = labels.to(scores.device)
     res = {}
     for k in topk:
-        pred = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (Q, k)
-        res[f"top{k}"] = int((pred == labels[:, None]).any(1).sum().item())
+        top = scores.topk(min(k, scores.shape[1]), dim=1)  # (Q, k)
+        hit = top.indices == labels[:, None]  # (Q, k)
+        if votes:
+            hit &= top.values > 0
+        res[f"top{k}"] = int(hit.any(1).sum().item())
     return res
 
 
@@ -139,9 +152,12 @@ def percent(correct: dict[str, int], total: int) -> dict[str, float]:
     return {key: 100.0 * n / total if total else math.nan for key, n in correct.items()}
 
 
-def topk_accuracy(scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """{"top1": %, "top5": %} of (Q, C) scores against (Q,) labels; top-k above C counts as C."""
-    return percent(topk_correct(scores, labels, topk), int(labels.shape[0]))
+def topk_accuracy(
+    scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5), *, votes: bool = False
+) -> dict[str, float]:
+    """{"top1": %, "top5": %} of (Q, C) scores against (Q,) labels; top-k above C counts as C;
+    ``votes``: as in `topk_correct`."""
+    return percent(topk_correct(scores, labels, topk, votes=votes), int(labels.shape[0]))
 
 
 def knn_accuracy(
@@ -156,4 +172,5 @@ def knn_accuracy(
 ) -> dict[str, float]:
     """Top-1/top-5 (%) of weighted kNN; the number NPID reports."""
     c = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
-    return topk_accuracy(weighted_knn(query, bank, bank_labels, k=k, t=t, num_classes=c), query_labels)
+    scores = weighted_knn(query, bank, bank_labels, k=k, t=t, num_classes=c)  # (Q, C)
+    return topk_accuracy(scores, query_labels, votes=True)

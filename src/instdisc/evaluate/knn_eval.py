@@ -143,7 +143,7 @@ def knn_counts(
     query slices add up to those of the whole test set (`knn_evaluate` across ranks)."""
     c = num_classes or int(max(train_y.max(), test_y.max())) + 1
     scores = knn_scores(test_x, train_x, train_y, ks=ks, ts=ts, num_classes=c, backend=backend)
-    return {key: topk_correct(s, test_y) for key, s in scores.items()}
+    return {key: topk_correct(s, test_y, votes=True) for key, s in scores.items()}
 
 
 def _rows(counts: dict[tuple[int, float], dict[str, int]], total: int) -> list[dict[str, Any]]:
