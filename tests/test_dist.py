@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as tdist
 import torch.multiprocessing as mp
-from gloo import free_port, init_gloo
+from gloo import free_port, init_gloo, leave_gloo
 
 pytestmark = pytest.mark.dist
 
@@ -32,7 +31,7 @@ def _bank_worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 1:
         bank.bank[0, 0] += 1.0
     torch.save({"agree_after_break": dist.buffers_agree(bank)}, f"{out}/broken{rank}.pt")
-    tdist.destroy_process_group()
+    leave_gloo()
 
 
 def test_bank_identical_across_ranks_and_equal_to_one_process(tmp_path):
@@ -70,7 +69,7 @@ def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
         seen += [stop.check(), stop.reason]
     with open(f"{out}/stop{rank}.json", "w") as f:
         json.dump(seen, f)
-    tdist.destroy_process_group()
+    leave_gloo()
 
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
@@ -115,7 +114,7 @@ def _monitor_worker(rank: int, world: int, port: int, out: str) -> None:
     numbers = _monitor_numbers(rank, world)
     with open(f"{out}/monitor{rank}.json", "w") as f:
         json.dump({"numbers": numbers, "scored": scored}, f)
-    tdist.destroy_process_group()
+    leave_gloo()
 
 
 def test_the_knn_monitor_shared_across_ranks_gives_the_one_process_number(tmp_path, monkeypatch):

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch.distributed as tdist
 import torch.multiprocessing as mp
-from gloo import free_port, init_gloo
+from gloo import free_port, init_gloo, leave_gloo
 from PIL import Image
 
 pytestmark = pytest.mark.dist
@@ -45,7 +44,7 @@ def _open_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
              test=np.asarray(test.images), test_labels=test.labels)
     with open(f"{out}/decoded{rank}.json", "w") as f:
         json.dump(decoded, f)
-    tdist.destroy_process_group()
+    leave_gloo()
 
 
 def test_one_process_per_node_decodes_and_every_rank_gets_the_same_sets(tmp_path):

@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from gloo import free_port, init_gloo
+from gloo import free_port, init_gloo, leave_gloo
 from torch import nn
 
 from instdisc import dist, sparse_sgd
@@ -409,7 +408,7 @@ def _worker(rank, world, port, out):
         m = _train_ddp_or_not(q, rank, world)
         res[q] = {"state": m.state_dict(), "agree": dist.buffers_agree(m)}
     torch.save(res, f"{out}/rank{rank}.pt")
-    tdist.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.dist

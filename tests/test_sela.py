@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.distributed as tdist
 import torch.multiprocessing as mp
-from gloo import free_port, init_gloo
+from gloo import free_port, init_gloo, leave_gloo
 from scipy.special import logsumexp
 from torch import nn
 
@@ -156,7 +155,7 @@ def _sharded_worker(rank, world, port, out):
     m = _tiny_sela(37)  # 37 images: predict_all pads one rank's shard
     logs = m.on_epoch_start(EpochContext(epoch=0, num_epochs=1, predict_all=_predict_all(_tiny_images(37))))
     torch.save({"res": res, "labels": m.labels.clone(), "logs": logs}, f"{out}/rank{rank}.pt")
-    tdist.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.dist
@@ -369,7 +368,7 @@ def _shard_relabel_worker(rank, world, port, out):
     m.on_epoch_start(ctx)
     results["images"] = (m.labels.clone(), {})
     torch.save(results, f"{out}/rank{rank}.pt")
-    tdist.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.dist
