@@ -192,6 +192,12 @@ CASES = [
     ("export {run} --format timm --out {d}/w.pt --layout banana", "--layout"),
     ("export {run} --format timm --out {d}/w.pt --layout pic", "--layout pic"),
     ("train --out {d}/runcopy --resume --overwrite", "contradict"),
+    # session 7
+    ("weights {run}/checkpoints/last.pt", "instdisc training checkpoint"),
+    ("stages --train {tr} --test {te}", "instdisc stages --help"),
+    ("data check --workers 2 {d}", "instdisc data check --help"),
+    ("report {run} --out {d}/garbage.pt/r.html", "--out"),
+    ("embed {run} --out {d}/garbage.pt/e.npy", "--out"),
 ]
 
 
@@ -200,6 +206,21 @@ def test_bad_value_exits_2_with_one_paragraph(world, capsys, template, needle):
     argv = ["" if a == "''" else a for a in template.format(**{k: str(v) for k, v in world.items()}).split()]
     rc, out, err = run_cli(argv, capsys)
     assert_refused(rc, out, err, needle)
+
+
+@pytest.mark.parametrize("template", [
+    "report {run} --out {d}/garbage.pt/r.html", "embed {run} --out {d}/garbage.pt/e.npy",
+    "neighbours {run} --out {d}/garbage.pt/nn.png", "map {run} --out {d}/garbage.pt/m.png"])
+def test_an_unwritable_out_is_refused_before_any_image_is_embedded(world, capsys, monkeypatch, template):
+    import instdisc.evaluate as E
+
+    def embedded(*a, **kw):
+        raise AssertionError("images embedded before --out was checked")
+
+    for name in ("features_for", "extract", "open_images"):
+        monkeypatch.setattr(E, name, embedded)
+    rc, out, err = run_cli(template.format(**{k: str(v) for k, v in world.items()}).split(), capsys)
+    assert_refused(rc, out, err, "--out")
 
 
 def test_nan_in_features_is_found_whatever_the_row(tmp_path):

@@ -156,6 +156,18 @@ def run_files_saver(run_dir: str | Path, *, is_main: bool = True) -> Callable[[d
     return lambda files: write_run_files(run_dir, files) if is_main else []
 
 
+def check_out_file(path: str | Path, flag: str = "--out") -> None:
+    """An output file's folder exists (or is made) and takes files: checked before minutes of work,
+    not found after them."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write {str(path)!r}: {e.strerror or e} ({str(parent)!r}).") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag}: cannot write {str(path)!r}: the folder {str(parent)!r} is not writable.")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace a small text file (config.json, metrics.jsonl) so that readers never see half of it."""
     try:

@@ -120,17 +120,6 @@ def image_path(text: str) -> str:
     return text
 
 
-def _writable_parent(path: str) -> None:
-    """--out's folder exists (or is made) and takes files: checked before minutes of work."""
-    parent = Path(path).parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out: cannot write {path!r}: {e.strerror or e} ({str(parent)!r}).") from None
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out: cannot write {path!r}: the folder {str(parent)!r} is not writable.")
-
-
 def _save_image(img, path: str) -> None:  # noqa: ANN001
     try:
         img.save(path)
@@ -284,8 +273,10 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from instdisc.evaluate import extract, load_subject, open_images
+    from instdisc.checkpoint import check_out_file
     from instdisc.features import save_features
 
+    check_out_file(args.out)
     subject = load_subject(args.run, device=args.device, published_ok=False)
     images = open_images(subject, args.data, args.split, cache_dir=args.cache_dir,
                          drop_unknown=args.drop_unknown_classes, progress=True)
@@ -389,9 +380,10 @@ def cmd_stages(args: argparse.Namespace) -> int:
 
 
 def cmd_neighbours(args: argparse.Namespace) -> int:
+    from instdisc.checkpoint import check_out_file
     from instdisc.report import neighbour_figure
 
-    _writable_parent(args.out)
+    check_out_file(args.out)
     ev = _features(args, "embedding")
     img, caption = neighbour_figure(ev, queries=args.queries, k=args.k, seed=args.seed, indices=args.ids)
     _save_image(img, args.out)
@@ -414,9 +406,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
+    from instdisc.checkpoint import check_out_file
     from instdisc.report import map_figure
 
-    _writable_parent(args.out)
+    check_out_file(args.out)
     ev = _features(args, "embedding")
     img, caption = map_figure(ev.test_x, ev.test_y, ev.classes, method=args.method, max_points=args.max_points,
                               seed=args.seed)
@@ -714,7 +707,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace whatever run --out holds")
     m.add_argument("--epochs", type=positive_int, default=None, help="override the demo's epochs")
     m.set_defaults(func=cmd_demo)
+    p.set_defaults(_levels=(("cmd", sub.choices), ("data_cmd", dsub.choices)))
     return p
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, except that an unknown flag is refused by the subcommand it was given to, so the
+    message points at that subcommand's --help (argparse refuses it in the top-level parser)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        owner = parser
+        for dest, choices in getattr(args, "_levels", ()):
+            owner = choices.get(getattr(args, dest, None) or "", owner)
+        owner.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _tune_runtime() -> None:
@@ -779,7 +785,7 @@ def _dispatch(argv: list[str]) -> int:
         if argv and argv[0] == "train":
             return cmd_train(argv[1:])
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
         if not hasattr(args, "func"):
             parser.print_help()
             return 0 if not argv else 2

@@ -389,6 +389,14 @@ def convert(obj: Any, layout: str | None = None) -> Converted:
     Raises:
         CheckpointError: unknown or unsupported layout, unmatched keys, missing keys, wrong shapes.
     """
+    if is_instdisc_checkpoint(obj):  # not a released layout: every evaluation command reads it as a run
+        run = obj["config"].get("run") if isinstance(obj["config"], dict) else None
+        method = run.get("method", "?") if isinstance(run, dict) else "?"
+        raise CheckpointError(
+            f"this is an instdisc training checkpoint ({method}), not released weights: give it (or its run "
+            "folder) to `instdisc knn`, `linear`, `report` or `export` as it is; `weights` checks NPID, PIC "
+            "and SeLa files from the papers' releases."
+        )
     name = layout or detect_layout(obj)
     if name not in LAYOUTS:
         raise CheckpointError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}.")

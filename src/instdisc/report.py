@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from instdisc import __version__
-from instdisc.checkpoint import atomic_write_text
+from instdisc.checkpoint import atomic_write_text, check_out_file
 from instdisc.errors import CheckpointError, UserError
 from instdisc.visual import format_number
 
@@ -360,6 +360,7 @@ def build_report(
     target = Path(out) if out else run / "report.html"
     if target.is_dir():  # checked before minutes of embedding, not at the end
         raise UserError(f"--out {str(target)!r} is a folder; give the HTML file to write, e.g. {str(target / 'report.html')!r}.")
+    check_out_file(target)
     cfg: dict[str, Any] = {}
     if (run / "config.json").is_file():
         try:
