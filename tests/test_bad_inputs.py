@@ -198,6 +198,11 @@ CASES = [
     ("data check --workers 2 {d}", "instdisc data check --help"),
     ("report {run} --out {d}/garbage.pt/r.html", "--out"),
     ("embed {run} --out {d}/garbage.pt/e.npy", "--out"),
+    ("linear --train {tr} --test {te} --features backbone --epochs 1", "--features backbone"),
+    ("lowshot --train {tr} --test {te} --data digits", "--data"),
+    ("knn --train {tr} --test {te} --layout pic", "--layout"),
+    ("knn --train {tr} --test {te} --drop-unknown-classes", "--drop-unknown-classes"),
+    ("linear {run} --augmented --features embedding --epochs 1", "--features embedding"),
 ]
 
 

@@ -272,8 +272,8 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from instdisc.evaluate import extract, load_subject, open_images
     from instdisc.checkpoint import check_out_file
+    from instdisc.evaluate import extract, load_subject, open_images
     from instdisc.features import save_features
 
     check_out_file(args.out)
@@ -291,8 +291,23 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _features(args: argparse.Namespace, kind: str):
+    """The run's (or the files') train/test features. ``kind``: the command's default --features;
+    the kind used is written back to ``args.features`` where the command has that flag."""
     from instdisc.evaluate import features_for
 
+    asked = getattr(args, "features", None)
+    files = bool(args.train or args.test)
+    if files:  # evaluated as they are: a flag that only applies to a run would change nothing
+        given = [flag for flag, on in (("--data", args.data is not None), ("--layout", args.layout is not None),
+                                       ("--features backbone", asked == "backbone"),
+                                       ("--drop-unknown-classes", args.drop_unknown_classes)) if on]
+        if given:
+            raise UserError(f"{', '.join(given)}: {'applies' if len(given) == 1 else 'apply'} to a run, not to feature "
+                            "files (--train/--test hold `instdisc embed`'s embedding and are evaluated as they are); "
+                            "give the run directory instead, or leave the flag out.")
+    kind = "embedding" if files else asked or kind  # files hold what `embed` writes
+    if hasattr(args, "features"):
+        args.features = kind
     return features_for(
         args.run, train=args.train, test=args.test, data=args.data, kind=kind, device=args.device,
         layout=args.layout, batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
@@ -303,7 +318,7 @@ def _features(args: argparse.Namespace, kind: str):
 def cmd_knn(args: argparse.Namespace) -> int:
     from instdisc.evaluate import format_table, knn_row, knn_table, save_result
 
-    ev = _features(args, args.features)
+    ev = _features(args, "embedding")
     rows = knn_table(ev.train_x, ev.train_y, ev.test_x, ev.test_y, ks=args.k, ts=args.t,
                      num_classes=ev.num_classes, backend=args.backend)
     print(format_table(rows, ["k", "t", "top1", "top5"]))
@@ -325,6 +340,9 @@ def cmd_linear(args: argparse.Namespace) -> int:
     if args.augmented:
         if not args.run:
             raise UserError("--augmented trains through the backbone: give a run directory or checkpoint.")
+        if args.features == "embedding":
+            raise UserError("--augmented trains a classifier on the backbone's pooled features; --features "
+                            "embedding does not apply (leave it out).")
         subject = load_subject(args.run, device=args.device, layout=args.layout)
         tr, te = open_eval_sets(subject, args.data, cache_dir=args.cache_dir,
                                 drop_unknown=args.drop_unknown_classes, progress=True)
@@ -339,7 +357,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
         save_dir = subject.run_dir / "eval" if subject.run_dir is not None else None
         name = "linear_augmented"
     else:
-        ev = _features(args, args.features)
+        ev = _features(args, "backbone")
         res = linear_probe(ev.train_x, ev.train_y, ev.test_x, ev.test_y, num_classes=ev.num_classes,
                            norm=args.norm, lrs=args.lr or LINEAR_LRS, epochs=args.epochs, batch_size=args.probe_batch_size,
                            weight_decay=args.weight_decay, seed=args.seed)
@@ -354,7 +372,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
 def cmd_lowshot(args: argparse.Namespace) -> int:
     from instdisc.evaluate import low_shot, save_result
 
-    ev = _features(args, args.features)
+    ev = _features(args, "backbone")
     rows = low_shot(ev.train_x, ev.train_y, ev.test_x, ev.test_y, shots=args.shots, draws=args.draws,
                     classifier=args.classifier, C=args.C, norm=args.norm, seed=args.seed)
     if all("mean" not in r for r in rows):  # nothing measured: a refusal, not a result
@@ -528,8 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--test", help="exported test features FILE.npy (with FILE.labels.npy)")
         q.set_defaults(train=None, test=None)
         if kind:
-            q.add_argument("--features", choices=["embedding", "backbone"], default=kind,
-                           help=f"embedding (the method's normalised output) or backbone (pooled trunk) (default {kind})")
+            q.add_argument("--features", choices=["embedding", "backbone"], default=None,  # None: kind (_features)
+                           help=f"embedding (the method's normalised output) or backbone (pooled trunk) of a run "
+                                f"(default {kind}; feature files are evaluated as they are)")
         q.add_argument("--data", help="source to evaluate on (default: the run's own: its training source's train "
                                       "split and the test split of its --test-data, if any; required for released weights)")
         q.add_argument("--layout", default=None, type=layout_name, help="layout of released weights (default: detected)")
