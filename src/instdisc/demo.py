@@ -27,6 +27,7 @@ from instdisc import dist
 from instdisc.engine import fit, open_sets
 from instdisc.evaluate import knn_evaluate, knn_row, subject_of
 from instdisc.methods import Method, build_method, load_run, resolve_config
+from instdisc.report import record_command
 
 # Chosen for a 2-core CPU (evidence: docs/benchmarks.md). The 8x8 digits are stored at 16x16,
 # not 32x32: 4x fewer pixels buy 4x more steps, and NPID needs steps (each image is seen ~60 times).
@@ -92,6 +93,7 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None, overwrite: bool 
     if epochs is not None:
         preset["epochs"] = epochs
     cfg = resolve_config(preset, {}, "npid")
+    argv = ["--out", out, *(["--epochs", str(epochs)] if epochs is not None else []), *(["--overwrite"] if overwrite else [])]
     overwrite = overwrite or _is_demo_run(out, cfg)
     env = dist.Env()
     train, test = open_sets(cfg)
@@ -102,6 +104,7 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None, overwrite: bool 
 
     t0 = time.perf_counter()
     metrics = fit(cfg, env, overwrite=overwrite)
+    record_command(out, argv, command="demo")  # the report's Command section: `instdisc demo --out ...`
     if metrics.get("stopped"):  # SIGTERM / Ctrl-C: a half-trained model is not "NPID (N epochs)"
         print(f"instdisc: the demo stopped before its {cfg.optim.epochs} epochs ({metrics['stopped']}), so no "
               "comparison is printed (the training's own message above says how to continue it).", file=sys.stderr)

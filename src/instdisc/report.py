@@ -437,11 +437,13 @@ def _run_full(ev, notes: list[str], **kw: Any) -> None:
 COMMAND_FILE = "command.json"  # RUN_DIR/command.json: the `instdisc train` command line that started the run
 
 
-def record_command(run_dir: str | Path, argv: list[str], *, world_size: int = 1, resumed: bool = False) -> None:
-    """Write RUN_DIR/command.json: the `instdisc train` arguments of this launch, its working
-    directory and number of processes, so the report can print the command that rebuilds the run.
+def record_command(run_dir: str | Path, argv: list[str], *, world_size: int = 1, resumed: bool = False,
+                   command: str = "train") -> None:
+    """Write RUN_DIR/command.json: the `instdisc train` (or `demo`: ``command``) arguments of this
+    launch, its working directory and number of processes, so the report can print the command
+    that rebuilds the run.
 
-    Called by `instdisc train` once training returned (the folder is then this run's). A launch
+    Called by `instdisc train` and `instdisc demo` once training returned (the folder is then this run's). A launch
     that continues a run (--resume) keeps the file of the launch that started it, which is the
     command to rerun; it writes one only where none exists (marked "resumed"). Nothing is written
     before the first checkpoint, so `--resume auto` still finds an unstarted folder as one.
@@ -454,7 +456,7 @@ def record_command(run_dir: str | Path, argv: list[str], *, world_size: int = 1,
         return
     # torchrun and srun tell each process how many run on its node: one node -> a standalone launch
     local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or str(world_size)
-    payload = {"argv": ["instdisc", "train", *map(str, argv)], "cwd": os.getcwd(), "world_size": int(world_size),
+    payload = {"argv": ["instdisc", command, *map(str, argv)], "cwd": os.getcwd(), "world_size": int(world_size),
                "nodes": max(1, int(world_size) // max(1, int(local))) if local.isdigit() else None,
                "resumed": bool(resumed), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_text(path, json.dumps(payload, indent=2))
@@ -514,8 +516,8 @@ def command_html(run: Path) -> str:
     cmd = read_command(run)
     if cmd is None:
         return ("<h2>Command</h2><p class='sub'>no command recorded: RUN_DIR/command.json is written by "
-                "<code>instdisc train</code> (runs made from Python or before it recorded commands have none); "
-                "the configuration below is complete.</p>")
+                "<code>instdisc train</code> and <code>instdisc demo</code> (runs made from Python or before "
+                "it recorded commands have none); the configuration below is complete.</p>")
     out = _out_arg(cmd["argv"])
     rerun = rerun_command(cmd, (out.rstrip("/") + "-rerun") if out else None)
     when = html.escape(str(cmd.get("date", "")))
