@@ -102,3 +102,37 @@ def test_embed_writes_each_rows_file_name(tmp_path, digits_run):
     streamed = instdisc.embed(enc, open_source(str(folder), "test", in_memory=False, image_size=32, cache_dir=tmp_path / "c2"))
     assert [Path(p).relative_to(folder).as_posix() for p in streamed.paths] == names
     assert torch.allclose(streamed.features, feats, atol=1e-5)
+
+
+def test_a_pil_image_of_any_mode_embeds_as_the_same_file_read_by_the_data_sources(digits_run, tmp_path):
+    """enc(pil) converted with Pillow's convert("RGB"), which clips 16-bit grey at 255 (near white),
+    while every source (embed, search, training) scales it to 0..255: two features for one file."""
+    from instdisc.sources.images import to_rgb
+
+    enc = instdisc.load(digits_run / "runs" / "digits", device="cpu")
+    g = np.random.default_rng(0)
+    grey16 = Image.fromarray(g.integers(0, 65536, size=(20, 20)).astype(np.uint16))
+    ref = enc.preprocess(np.array(to_rgb(grey16)))
+    assert not torch.equal(enc.preprocess(np.array(grey16.convert("RGB"))), ref)  # clipping differs
+    assert torch.equal(enc.preprocess(grey16), ref)
+
+
+@pytest.mark.parametrize("x,needle", [
+    (torch.zeros(3, 16, 16), r"\(B, 3, H, W\)"),  # unbatched float: a conv error before
+    (torch.zeros(2, 1, 16, 16), r"\(B, 3, H, W\)"),  # one channel: a conv error before
+    (torch.zeros(3, 0, 5, dtype=torch.uint8), "no pixels"),  # a ZeroDivisionError before
+    (np.zeros((0, 4, 3), np.uint8), "no pixels"),
+])
+def test_images_of_the_wrong_shape_are_user_errors(digits_run, x, needle):
+    enc = instdisc.load(digits_run / "runs" / "digits", device="cpu")
+    with pytest.raises(UserError, match=needle):
+        enc(x)
+
+
+@pytest.mark.parametrize("kw,needle", [({"split": "val"}, "split must be"), ({"batch_size": 0}, "batch_size"),
+                                       ({"workers": -1}, "workers")])
+def test_embed_refuses_a_split_or_size_it_cannot_honour(digits_run, kw, needle):
+    """split="val" embedded the test split; batch_size=0 failed inside range()."""
+    enc = instdisc.load(digits_run / "runs" / "digits", device="cpu")
+    with pytest.raises(UserError, match=needle):
+        instdisc.embed(enc, "digits", **kw)

@@ -97,6 +97,8 @@ def world(tmp_path_factory):
     (d / "fake.png").write_bytes(b"not a png at all")
     (d / "notes.txt").write_text("not an image\n")
     (d / "emptydir").mkdir()
+    (d / "mypage").mkdir()  # someone's folder: a search must not replace its index.html
+    (d / "mypage" / "index.html").write_text("my page\n")
     return {"d": d, "run": run, "tr": d / "tr.npy", "te": d / "te.npy", "nanrun": nanrun}
 
 
@@ -203,6 +205,16 @@ CASES = [
     ("knn --train {tr} --test {te} --layout pic", "--layout"),
     ("knn --train {tr} --test {te} --drop-unknown-classes", "--drop-unknown-classes"),
     ("linear {run} --augmented --features embedding --epochs 1", "--features embedding"),
+    # found by the session-7 audit (docs/reliability.md, "Bad-input audit (session 7)")
+    ("knn --train {tr} --test {te} --batch-size 7", "--batch-size"),
+    ("knn --train {tr} --test {te} --cache-dir {d}", "--cache-dir"),
+    ("linear --train {tr} --test {te} --no-cache --epochs 1", "--no-cache"),
+    ("lowshot --train {tr} --test {te} --device cuda", "--device cuda"),
+    ("search {run} --query {d}/q.png --out {d}/mypage", "no `instdisc search` wrote"),
+    ("export {d}/runcopy --format torchvision --out {d}/runcopy/checkpoints/last.pt", "this command reads"),
+    ("export {run} --format safetensors --out {run}/config.json", "is a file of the run"),
+    ("train --out {d}/t-lgn " + TN + " --logger none tensorboard", "--logger none"),
+    ("train --out {d}/t-qs " + TN + " --quality-subset 100000", "--quality-subset 100000"),
 ]
 
 
@@ -481,3 +493,33 @@ def test_a_demo_stopped_by_a_signal_prints_no_comparison_and_not_status_0(tmp_pa
     assert rc == 128 + 15
     assert "random init" not in out and not re.search(r"\d%", out), out
     assert "no comparison is printed" in err
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"WORLD_SIZE": "abc"}, "$WORLD_SIZE must be an integer"),
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "$RANK must be an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "$MASTER_ADDR, $MASTER_PORT are not set"),
+    ({"RANK": "3", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "$RANK 3 is not a rank"),
+    ({"SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "5", "SLURM_LOCALID": "0",
+      "MASTER_ADDR": "127.0.0.1", "SLURM_JOB_ID": "1"}, "$SLURM_PROCID 5 is not a rank"),
+    ({"SLURM_STEP_ID": "0", "SLURM_NTASKS": "-3", "SLURM_PROCID": "0"}, "$SLURM_NTASKS must be"),
+])
+def test_odd_launcher_variables_exit_2_naming_the_variable(world, capsys, monkeypatch, env, needle):
+    """int() on $WORLD_SIZE was a traceback; a rank outside the world, or a world without its
+    rendezvous, waited for peers that never come (a hang) or failed inside torch."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    rc, out, err = run_cli(["train", "--out", str(world["d"] / "t-env"), *TINY, "--nce-k", "0"], capsys)
+    assert_refused(rc, out, err, needle)
+
+
+def test_export_onto_its_own_input_leaves_the_input_as_it_was(world, capsys):
+    ck = world["d"] / "runcopy" / "checkpoints" / "last.pt"
+    before = ck.read_bytes()
+    rc, out, err = run_cli(["export", str(world["d"] / "runcopy"), "--format", "torchvision", "--out", str(ck)], capsys)
+    assert_refused(rc, out, err, "--out")
+    assert ck.read_bytes() == before

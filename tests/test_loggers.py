@@ -97,3 +97,19 @@ def test_none_logs_to_metrics_jsonl_only(tmp_path, isolated):
     assert not (run / "tb").exists() and not (run / "wandb").exists() and not (run / "mlruns").exists()
     assert len([r for r in records(run) if r["type"] == "step"]) == 2
     assert os.path.exists(run / "checkpoints" / "last.pt")
+
+
+def test_an_unreachable_mlflow_server_is_refused_at_once_not_after_minutes_of_retries(tmp_path, isolated, monkeypatch):
+    """MLflow retries a failed request 7 times with backoff (~4 minutes) before it raises; the
+    launch stalled that long in silence. Nothing listens on port 9 of this machine."""
+    import time
+
+    from instdisc.errors import UserError
+    from instdisc.loggers import open_loggers
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="--logger mlflow could not start"):
+        open_loggers(["mlflow"], tmp_path, {}, None)
+    assert time.monotonic() - t0 < 30
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # training's own requests keep MLflow's patience

@@ -39,3 +39,28 @@ def test_bad_slurm_variables_are_user_errors_naming_them():
 ])
 def test_first_host_of_a_hostlist(nodes, first):
     assert _first_host(nodes) == first
+
+
+def test_srun_ranks_outside_the_step_are_refused():
+    with pytest.raises(UserError, match=r"\$SLURM_PROCID 16 is not a rank of this step's 16 tasks"):
+        slurm_env({**STEP, "SLURM_PROCID": "16"})
+    with pytest.raises(UserError, match=r"\$SLURM_STEP_NUM_TASKS must be a number of tasks >= 1"):
+        slurm_env({**STEP, "SLURM_STEP_NUM_TASKS": "-3"})
+    with pytest.raises(UserError, match=r"\$SLURM_LOCALID must be >= 0"):
+        slurm_env({**STEP, "SLURM_LOCALID": "-1"})
+
+
+def test_torchrun_variables_are_checked_before_any_rendezvous():
+    from instdisc.dist import launch_ranks
+
+    assert launch_ranks({}) == (0, 1, 0)
+    assert launch_ranks({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}) \
+        == (1, 2, 1)
+    for env, needle in [({"WORLD_SIZE": "abc"}, r"\$WORLD_SIZE must be an integer"),
+                        ({"WORLD_SIZE": "0"}, r"\$WORLD_SIZE must be >= 1"),
+                        ({"LOCAL_RANK": "-1"}, r"\$LOCAL_RANK must be >= 0"),
+                        ({"RANK": "2", "WORLD_SIZE": "2"}, r"\$RANK 2 is not a rank of \$WORLD_SIZE 2"),
+                        ({"WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, r"\$RANK is not set"),
+                        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "x"}, "MASTER_PORT must be")]:
+        with pytest.raises(UserError, match=needle):
+            launch_ranks(env)

@@ -71,6 +71,9 @@ class Encoder(nn.Module):
     def forward(self, x: Any) -> Tensor:
         if not (isinstance(x, Tensor) and x.is_floating_point()):
             x = self.preprocess(x)
+        elif x.ndim != 4 or x.shape[1] != 3 or 0 in x.shape:  # else a conv error that names none of this
+            raise UserError(f"enc(x): a float tensor is a batch of preprocessed images (B, 3, H, W); got "
+                            f"{tuple(x.shape)} (enc.preprocess takes uint8 tensors, arrays and PIL images).")
         with torch.no_grad():
             return self._embed(x.to(self.device))  # (B, D), unit rows
 
@@ -79,10 +82,14 @@ def _as_uint8_batch(images: Any) -> Tensor:
     """The accepted image inputs -> (B, 3, H, W) uint8 tensor."""
     from PIL import Image
 
+    from instdisc.sources.images import to_rgb
+
     if isinstance(images, Image.Image):
         images = [images]
     if isinstance(images, (list, tuple)) and images and all(isinstance(i, Image.Image) for i in images):
-        arrays = [np.asarray(i.convert("RGB")) for i in images]
+        # the data sources' conversion (16-bit grey scaled, not clipped; palette transparency), so
+        # an image given here embeds as the same file read by `instdisc embed` or `search`
+        arrays = [np.asarray(to_rgb(i)) for i in images]
         if len({a.shape for a in arrays}) != 1:
             raise UserError("preprocess: PIL images of different sizes; pass them one at a time.")
         images = np.stack(arrays)  # (B, H, W, 3)
@@ -90,14 +97,19 @@ def _as_uint8_batch(images: Any) -> Tensor:
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[-1] != 3:
             raise UserError(f"preprocess: arrays must be uint8 (H, W, 3) or (B, H, W, 3); got {images.dtype} "
                             f"{images.shape}.")
-        t = torch.from_numpy(np.ascontiguousarray(images))
+        t = torch.from_numpy(np.ascontiguousarray(images) if images.flags.writeable else images.copy())
         t = t[None] if t.ndim == 3 else t
+        if 0 in t.shape:
+            raise UserError(f"preprocess: an image with no pixels, {tuple(images.shape)}.")
         return t.permute(0, 3, 1, 2)
     if isinstance(images, Tensor):
         if images.dtype != torch.uint8 or images.ndim not in (3, 4) or images.shape[-3] != 3:
             raise UserError(f"preprocess: tensors must be uint8 (3, H, W) or (B, 3, H, W); got {images.dtype} "
                             f"{tuple(images.shape)} (float tensors go to enc(x) as preprocessed images).")
-        return images[None] if images.ndim == 3 else images
+        images = images[None] if images.ndim == 3 else images
+        if 0 in images.shape:  # nothing to resize: a ZeroDivisionError in the transform otherwise
+            raise UserError(f"preprocess: an image with no pixels, {tuple(images.shape)}.")
+        return images
     raise UserError(f"preprocess: expected PIL images, uint8 tensors or uint8 arrays; got {type(images).__name__}.")
 
 
@@ -145,6 +157,13 @@ def embed(enc: Encoder, data: Any = None, *, split: str = "test", backbone: bool
     from instdisc.evaluate import open_images
     from instdisc.features import extract_features
     from instdisc.sources import ImageSet
+
+    if split not in ("train", "test"):  # anything else used to embed a split the caller did not name
+        raise UserError(f"embed: split must be 'train' or 'test'; got {split!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"embed: batch_size must be an integer >= 1; got {batch_size!r}.")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UserError(f"embed: workers must be an integer >= 0; got {workers!r}.")
 
     images = data if isinstance(data, ImageSet) else open_images(
         enc.subject, None if data is None else str(data), split, cache_dir=cache_dir, progress=progress)

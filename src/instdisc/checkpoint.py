@@ -156,10 +156,30 @@ def run_files_saver(run_dir: str | Path, *, is_main: bool = True) -> Callable[[d
     return lambda files: write_run_files(run_dir, files) if is_main else []
 
 
-def check_out_file(path: str | Path, flag: str = "--out") -> None:
+# What a run directory holds that an output file must never replace: the record of the run.
+_RUN_FILES = ("config.json", "metrics.jsonl", "command.json")
+
+
+def check_out_file(path: str | Path, flag: str = "--out", *, inputs: tuple[str | Path, ...] = ()) -> None:
     """An output file's folder exists (or is made) and takes files: checked before minutes of work,
-    not found after them."""
-    parent = Path(path).parent
+    not found after them. Refused too: a folder, one of the command's `inputs` (a run's checkpoint
+    or released weights read, then replaced by what was made of them), and a run's own files
+    (its checkpoints/, config.json, metrics.jsonl), which `--out` would silently destroy."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a folder; give a file name.")
+    resolved = target.resolve()
+    for given in inputs:
+        src = Path(given)
+        if resolved == src.resolve() or (src.is_dir() and resolved == (checkpoint_dir(src) / "last.pt").resolve()):
+            raise UserError(f"{flag} {str(path)!r} is the file this command reads ({str(given)!r}): it would be "
+                            "replaced by its own output. Give another file name.")
+    run = resolved.parent.parent if resolved.parent.name == "checkpoints" else resolved.parent
+    is_run = (run / "config.json").is_file() or checkpoint_dir(run).is_dir()
+    if is_run and resolved.exists() and (resolved.parent.name == "checkpoints" or resolved.name in _RUN_FILES):
+        raise UserError(f"{flag} {str(path)!r} is a file of the run {str(run)!r}: writing there would destroy it. "
+                        "Give a file name outside the run's checkpoints/ and records.")
+    parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -30,7 +30,8 @@ from instdisc.errors import InstdiscWarning, PeerError, UserError
 LINEAR_LRS = (0.001, 0.01, 0.1, 1.0)  # the cached-feature probe's grid (docs/evaluation.md)
 AUGMENTED_LR = 0.1  # the augmented probe's one lr (docs/evaluation.md)
 
-BATCH_HELP = "images per forward pass when embedding (default 256)"
+EMBED_BATCH = 256
+BATCH_HELP = f"images per forward pass when embedding (default {EMBED_BATCH})"
 DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N (default auto)"
 CACHE_HELP = "decoded-image cache (default $INSTDISC_CACHE or ~/.cache/instdisc)"
 SEED_HELP = "seed of the random draws (default 0)"
@@ -300,7 +301,11 @@ def _features(args: argparse.Namespace, kind: str):
     if files:  # evaluated as they are: a flag that only applies to a run would change nothing
         given = [flag for flag, on in (("--data", args.data is not None), ("--layout", args.layout is not None),
                                        ("--features backbone", asked == "backbone"),
-                                       ("--drop-unknown-classes", args.drop_unknown_classes)) if on]
+                                       ("--drop-unknown-classes", args.drop_unknown_classes),
+                                       ("--batch-size", args.batch_size is not None),
+                                       ("--cache-dir", args.cache_dir is not None), ("--no-cache", args.no_cache),
+                                       # the files are read to the CPU and evaluated there
+                                       (f"--device {args.device}", args.device not in ("auto", "cpu"))) if on]
         if given:
             raise UserError(f"{', '.join(given)}: {'applies' if len(given) == 1 else 'apply'} to a run, not to feature "
                             "files (--train/--test hold `instdisc embed`'s embedding and are evaluated as they are); "
@@ -310,7 +315,7 @@ def _features(args: argparse.Namespace, kind: str):
         args.features = kind
     return features_for(
         args.run, train=args.train, test=args.test, data=args.data, kind=kind, device=args.device,
-        layout=args.layout, batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+        layout=args.layout, batch_size=args.batch_size or EMBED_BATCH, cache_dir=args.cache_dir, use_cache=not args.no_cache,
         drop_unknown=args.drop_unknown_classes, progress=True,
     )
 
@@ -552,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--data", help="source to evaluate on (default: the run's own: its training source's train "
                                       "split and the test split of its --test-data, if any; required for released weights)")
         q.add_argument("--layout", default=None, type=layout_name, help="layout of released weights (default: detected)")
-        q.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+        # default None: given with feature files, it is refused (_features), not ignored
+        q.add_argument("--batch-size", type=positive_int, default=None, help=BATCH_HELP)
         q.add_argument("--device", default="auto", help=DEVICE_HELP)
         q.add_argument("--cache-dir", default=None, help=CACHE_HELP)
         q.add_argument("--no-cache", action="store_true", help="do not reuse or write RUN_DIR/eval/features")

@@ -105,9 +105,18 @@ def slurm_env(environ: Mapping[str, str]) -> dict[str, str]:
         raise UserError(f"started by srun, but ${names[0]} is not set: cannot tell this process's rank.")
 
     world = number("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
-    if world <= 1:
+    if world < 1:
+        name = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
+        raise UserError(f"${name} must be a number of tasks >= 1; got {environ[name]!r}.")
+    if world == 1:
         return {}
-    out = {"RANK": str(number("SLURM_PROCID")), "WORLD_SIZE": str(world), "LOCAL_RANK": str(number("SLURM_LOCALID"))}
+    rank = number("SLURM_PROCID")
+    if not 0 <= rank < world:  # a rank outside the step would wait for peers that never come
+        raise UserError(f"$SLURM_PROCID {rank} is not a rank of this step's {world} tasks (0 to {world - 1}).")
+    local = number("SLURM_LOCALID")
+    if local < 0:
+        raise UserError(f"$SLURM_LOCALID must be >= 0; got {local}.")
+    out = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local)}
     addr = environ.get("MASTER_ADDR")
     if not addr:
         nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
@@ -118,6 +127,41 @@ def slurm_env(environ: Mapping[str, str]) -> dict[str, str]:
     out["MASTER_ADDR"] = addr
     out["MASTER_PORT"] = environ.get("MASTER_PORT") or str(20000 + number("SLURM_JOB_ID", "SLURM_JOBID") % 20000)
     return out
+
+
+def launch_ranks(environ: Mapping[str, str]) -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) of this process from torchrun's variables (1 process when
+    absent), checked: a value that is not an integer, a rank outside the world, or a several-process
+    world without its rendezvous (MASTER_ADDR, MASTER_PORT) is a UserError naming the variable,
+    never a traceback from int() or a wait for peers that never come."""
+    from instdisc.errors import UserError
+
+    def number(name: str, default: int, low: int) -> int:
+        raw = environ.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise UserError(f"${name} must be an integer; got {raw!r}.") from None
+        if value < low:
+            raise UserError(f"${name} must be >= {low}; got {raw!r}.")
+        return value
+
+    world = number("WORLD_SIZE", 1, 1)
+    rank = number("RANK", 0, 0)
+    local = number("LOCAL_RANK", 0, 0)
+    if rank >= world:
+        raise UserError(f"$RANK {rank} is not a rank of $WORLD_SIZE {world} processes (0 to {world - 1}).")
+    if world > 1:
+        missing = [n for n in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(n)]
+        if missing:
+            raise UserError(f"$WORLD_SIZE is {world}, but ${', $'.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                            "not set: launch with torchrun (or srun), which sets them, or unset $WORLD_SIZE.")
+        port = environ["MASTER_PORT"]
+        if not (port.isdigit() and 0 < int(port) < 65536):
+            raise UserError(f"$MASTER_PORT must be a port number (1 to 65535); got {port!r}.")
+    return rank, world, local
 
 
 def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> Env:
@@ -131,9 +175,7 @@ def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> Env:
     """
     if "RANK" not in os.environ:  # torchrun's variables win; else srun's, translated
         os.environ.update(slurm_env(os.environ))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local = launch_ranks(os.environ)
     dev = resolve_device(device, local_rank=local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

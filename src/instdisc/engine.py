@@ -32,7 +32,7 @@ from instdisc.augment import AugmentConfig, augment
 from instdisc.checkpoint import atomic_write_text, run_files_saver
 from instdisc.config import OptimConfig, TrainConfig
 from instdisc.dist import Env
-from instdisc.errors import DataError
+from instdisc.errors import ConfigError, DataError
 from instdisc.features import extract_features
 from instdisc.guard import NonFiniteGuard
 from instdisc.loader import TrainLoader, make_order, step_seed
@@ -69,6 +69,9 @@ def fill_size_defaults(cfg: TrainConfig, num_samples: int, num_classes: int) -> 
     if r.quality_subset is None:  # 3 forward passes of M images: ~3% of an epoch (2 views, fwd + bwd)
         r.quality_subset = min(num_samples, max(256, min(2000, num_samples // 20)))
         chosen.append(f"--quality-subset {r.quality_subset} (N // 20 within [256, 2000], at most N)")
+    elif r.quality_subset > num_samples:  # measured on N images, recorded as asked: a wrong record
+        raise ConfigError(f"--quality-subset {r.quality_subset} is more than the {num_samples} training images; "
+                        f"give at most {num_samples} (or leave it out: N // 20 within [256, 2000]).")
     if d.sampler == "sliding" and not d.window:  # as make_order reads 0: PIC's D = N / 10, S = D / 8
         d.window = max(num_samples // 10, 1)
         chosen.append(f"--window {d.window} (N // 10, PIC's ratio)")

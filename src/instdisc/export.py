@@ -181,15 +181,6 @@ def _torchvision_changes(arch: str, cifar_stem: bool, width: int) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_out(out: Path) -> None:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out: cannot create the folder {str(out.parent)!r}: {e.strerror}.") from None
-    if out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a folder; give a file name.")
-
-
 def _atomic(out: Path, write: Callable[[Path], None]) -> None:
     """`checkpoint.atomic_write`, with a file-system error worded for the user."""
     from instdisc.checkpoint import atomic_write
@@ -455,7 +446,9 @@ def export_model(path: str | Path, fmt: str, out: str | Path, *, part: str = "ba
                         "(export it as safetensors, onnx or torch-export).")
     if fmt == "detectron2" and part != "backbone":
         raise UserError("--format detectron2 takes the backbone only (--part backbone): detection heads are new.")
-    _check_out(out)
+    from instdisc.checkpoint import check_out_file
+
+    check_out_file(out, inputs=(path,))
     net = ExportNet(bb, head).eval()
     with torch.no_grad():
         feat_dim = int(net(_probe(subject.size, 1)).shape[1])

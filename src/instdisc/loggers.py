@@ -17,9 +17,11 @@ continues the same wandb / MLflow run instead of starting a second one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -103,6 +105,10 @@ class Mlflow:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
+        with _start_quickly():
+            self.run_id = self._start(run_dir, config, run_id)
+
+    def _start(self, run_dir: Path, config: dict[str, Any], run_id: str | None) -> str:
         if run_id is None:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "instdisc")
             exp = self.client.get_experiment_by_name(name)
@@ -114,7 +120,7 @@ class Mlflow:
                     self.client.log_param(run_id, f"{section}.{k}" if k else section, str(v)[:500])
         else:
             self.client.update_run(run_id, status="RUNNING")
-        self.run_id = run_id
+        return run_id
 
     def log(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -127,8 +133,29 @@ class Mlflow:
         self.client.set_terminated(self.run_id)
 
 
+@contextlib.contextmanager
+def _start_quickly() -> Iterator[None]:
+    """MLflow's HTTP client retries a failed request 7 times with backoff (~4 minutes, for rate
+    limits) before it raises: an unreachable MLFLOW_TRACKING_URI would stall the launch that long
+    in silence. The calls that open the run get one retry and a 20 s timeout, so a wrong server is
+    refused at once; the logging during training keeps MLflow's patience. A value the user set wins."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    added = [k for k in quick if k not in os.environ]
+    os.environ.update({k: quick[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def check_loggers(names: list[str]) -> None:
-    """Refuse an unknown logger, or one whose package is missing, before any work (exit 2)."""
+    """Refuse an unknown logger, one whose package is missing, or `none` beside another, before
+    any work (exit 2)."""
+    if "none" in names and len(set(names)) > 1:
+        others = " ".join(n for n in dict.fromkeys(names) if n != "none")
+        raise ConfigError(f"--logger none means metrics.jsonl only, but {others} {'is' if ' ' not in others else 'are'} "
+                          "given too: give one or the other.")
     for name in names:
         if name not in LOGGERS:
             raise ConfigError(f"--logger {name!r} is not one of {', '.join(LOGGERS)}.")

@@ -60,6 +60,26 @@ class SearchResult:
     cached: bool = False
 
 
+def _check_not_someone_elses(d: Path) -> None:
+    """An existing --out may hold an earlier search (replaced: the usual rerun), or files of any
+    other name (left alone); an index.html, results.csv or thumbs/ that no search wrote would be
+    replaced or pruned, so it is refused."""
+    csv_path, thumbs = d / "results.csv", d / "thumbs"
+    ours_csv = False
+    if csv_path.is_file():
+        with csv_path.open(encoding="utf-8", errors="replace") as f:
+            ours_csv = f.readline().rstrip("\n") == ",".join(CSV_COLUMNS)
+    foreign = [name for name, ok in (
+        ("results.csv", not csv_path.exists() or ours_csv),
+        ("index.html", not (d / "index.html").exists() or ours_csv),
+        ("thumbs/", not thumbs.exists() or (thumbs.is_dir() and all(
+            re.fullmatch(r"[qi]\d+\.png", p.name) for p in thumbs.iterdir()))),
+    ) if not ok]
+    if foreign:
+        raise UserError(f"--out {str(d)!r} already holds {', '.join(foreign)} that no `instdisc search` wrote; "
+                        "a search would replace them. Give a new or empty folder (or that of an earlier search).")
+
+
 def check_out_dir(out: str | Path, *, make: bool = False) -> Path:
     """--out is a folder, or can be made: checked before any work (``make``: made, with thumbs/)."""
     import os
@@ -68,6 +88,8 @@ def check_out_dir(out: str | Path, *, make: bool = False) -> Path:
     if d.exists() and not d.is_dir():
         raise UserError(f"--out {str(d)!r} is a file; give a folder for index.html and results.csv (e.g. "
                         f"{str(d.with_suffix(''))!r}).")
+    if d.is_dir():
+        _check_not_someone_elses(d)
     if not make:
         parent = next((p for p in (d, *d.parents) if p.exists()), Path("."))
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):

@@ -396,13 +396,13 @@ def _decode_image(data: bytes, draft: tuple[float, float] | None) -> tuple[Image
     if img.width == 0 or img.height == 0:
         raise BadImageError("empty")
     try:
-        rgb = _to_rgb(img)
+        rgb = to_rgb(img)
     except Exception:
         raise BadImageError(f"unsupported mode ({mode})") from None
     return rgb, mode
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB (see "Pixels" in the `instdisc.sources` docstring)."""
     mode = img.mode
     if mode == "RGB":
