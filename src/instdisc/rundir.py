@@ -218,13 +218,15 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
     has_run = (out / "config.json").exists() or checkpoint_dir(out).exists()
     if resume and not has_run:
         raise UserError(f"--resume: {str(out)!r} holds no run to resume.")
+    if out.exists() and not out.is_dir():  # else mkdir's "File exists", which names no flag
+        raise UserError(f"--out {str(out)!r} is a file, not a run directory; give a folder.")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to the run directory {str(out)!r}: {e.strerror or e}.") from None
+        raise UserError(f"--out: cannot write to the run directory {str(out)!r}: {e.strerror or e}.") from None
     lock = RunLock(out)
     lock.acquire()  # before anything is judged or deleted: a running training owns the folder
     try:

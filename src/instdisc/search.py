@@ -86,8 +86,9 @@ def check_out_dir(out: str | Path, *, make: bool = False) -> Path:
 
     d = Path(out)
     if d.exists() and not d.is_dir():
+        other = d.with_suffix("") if d.suffix else d.with_name(d.name + "-search")  # never the same path
         raise UserError(f"--out {str(d)!r} is a file; give a folder for index.html and results.csv (e.g. "
-                        f"{str(d.with_suffix(''))!r}).")
+                        f"{str(other)!r}).")
     if d.is_dir():
         _check_not_someone_elses(d)
     if not make:
