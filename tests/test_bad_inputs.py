@@ -215,6 +215,7 @@ CASES = [
     ("export {run} --format safetensors --out {run}/config.json", "is a file of the run"),
     ("train --out {d}/t-lgn " + TN + " --logger none tensorboard", "--logger none"),
     ("train --out {d}/t-qs " + TN + " --quality-subset 100000", "--quality-subset 100000"),
+    ("train --out {d}/t-rb --resume banana", "instdisc train: error: argument --resume"),  # was `instdisc: error`
     ("demo --out {d}/garbage.pt", "--out"),  # was "cannot write to the run directory ...: File exists"
 ]
 

@@ -152,7 +152,8 @@ def _pre_parse(argv: Sequence[str]):  # noqa: ANN202
     from instdisc.config import RunConfig, load_preset
     from instdisc.rundir import read_resume, resume_auto
 
-    pre = Parser(add_help=False)
+    # the train parser's name: its refusals (--resume banana) read as train's, under `python -m` too
+    pre = Parser(prog="instdisc train", add_help=False)
     pre.add_argument("--method", dest="run.method", default=None)
     pre.add_argument("--config", default=None)
     pre.add_argument("--resume", nargs="?", const=True, default=False, type=resume_mode)
