@@ -97,3 +97,15 @@ def test_none_logs_to_metrics_jsonl_only(tmp_path, isolated):
     assert not (run / "tb").exists() and not (run / "wandb").exists() and not (run / "mlruns").exists()
     assert len([r for r in records(run) if r["type"] == "step"]) == 2
     assert os.path.exists(run / "checkpoints" / "last.pt")
+
+
+def test_the_install_line_of_every_logger_names_an_extra_that_exists():
+    """The refusal says pip install 'instdisc[NAME]': each logger with a package has that extra."""
+    from pathlib import Path
+
+    from instdisc.loggers import LOGGERS
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"wandb", "mlflow", "tensorboard"} <= set(extras) and set(LOGGERS) - {"none"} <= set(extras)

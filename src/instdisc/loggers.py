@@ -26,7 +26,6 @@ from typing import Any, Protocol
 from instdisc.errors import ConfigError, UserError
 
 LOGGERS = ("tensorboard", "wandb", "mlflow", "none")
-_EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 class Logger(Protocol):
@@ -133,7 +132,8 @@ def check_loggers(names: list[str]) -> None:
         if name not in LOGGERS:
             raise ConfigError(f"--logger {name!r} is not one of {', '.join(LOGGERS)}.")
         if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
-            raise ConfigError(f"--logger {name} needs the {name} package: pip install 'instdisc[{_EXTRA[name]}]'.")
+            # each logger's extra in pyproject.toml is named after it
+            raise ConfigError(f"--logger {name} needs the {name} package: pip install 'instdisc[{name}]'.")
 
 
 def open_loggers(names: list[str], run_dir: Path, config: dict[str, Any],
