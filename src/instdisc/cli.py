@@ -360,7 +360,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
         ev = _features(args, "backbone")
         res = linear_probe(ev.train_x, ev.train_y, ev.test_x, ev.test_y, num_classes=ev.num_classes,
                            norm=args.norm, lrs=args.lr or LINEAR_LRS, epochs=args.epochs, batch_size=args.probe_batch_size,
-                           weight_decay=args.weight_decay, seed=args.seed)
+                           weight_decay=args.weight_decay, seed=args.seed, progress=True)
         save_dir, name = ev.save_dir, "linear" if args.features == "backbone" else f"linear_{args.features}"
     save_result(save_dir, name, {"features": "backbone" if args.augmented else args.features, **res})
     print(f"linear probe ({res['norm']} inputs, lr {res['lr']:g}, {res['epochs']} epochs, {res['time_s']:.1f} s): "
@@ -374,7 +374,7 @@ def cmd_lowshot(args: argparse.Namespace) -> int:
 
     ev = _features(args, "backbone")
     rows = low_shot(ev.train_x, ev.train_y, ev.test_x, ev.test_y, shots=args.shots, draws=args.draws,
-                    classifier=args.classifier, C=args.C, norm=args.norm, seed=args.seed)
+                    classifier=args.classifier, C=args.C, norm=args.norm, seed=args.seed, progress=True)
     if all("mean" not in r for r in rows):  # nothing measured: a refusal, not a result
         raise UserError(f"every --shots value is too large: {rows[0]['skipped']}.")
     save_result(ev.save_dir, "lowshot", {"features": args.features, "classifier": args.classifier, "C": args.C,
@@ -391,7 +391,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
     ev = _features(args, "stages")
     rows = stage_table(split_stages(ev.train_x, ev.stage_dims), ev.train_y, split_stages(ev.test_x, ev.stage_dims),
                        ev.test_y, num_classes=ev.num_classes, knn_k=args.knn_k, knn_t=args.knn_t,
-                       epochs=args.epochs, norm=args.norm, lrs=args.lr, seed=args.seed)
+                       epochs=args.epochs, norm=args.norm, lrs=args.lr, seed=args.seed, progress=True)
     save_result(ev.save_dir, "stages", {"rows": rows})
     print(format_table(rows, ["stage", "dim", "linear_top1", "linear_top5", "knn_top1"]))
     return 0

@@ -422,13 +422,15 @@ def _run_full(ev, notes: list[str], **kw: Any) -> None:
         return
     try:
         bb = E.features_for(run, kind="backbone", **kw)
-        res = E.linear_probe(bb.train_x, bb.train_y, bb.test_x, bb.test_y, num_classes=bb.num_classes)
+        shown = bool(kw.get("progress"))
+        res = E.linear_probe(bb.train_x, bb.train_y, bb.test_x, bb.test_y, num_classes=bb.num_classes, progress=shown)
         E.save_result(bb.save_dir, "linear", {"features": "backbone", **res})
-        rows = E.low_shot(bb.train_x, bb.train_y, bb.test_x, bb.test_y)
+        rows = E.low_shot(bb.train_x, bb.train_y, bb.test_x, bb.test_y, progress=shown)
         E.save_result(bb.save_dir, "lowshot", {"features": "backbone", "classifier": "svm", "C": 1.0, "rows": rows})
         st = E.features_for(run, kind="stages", **kw)
         rows = E.stage_table(E.split_stages(st.train_x, st.stage_dims), st.train_y,
-                             E.split_stages(st.test_x, st.stage_dims), st.test_y, num_classes=st.num_classes)
+                             E.split_stages(st.test_x, st.stage_dims), st.test_y, num_classes=st.num_classes,
+                             progress=shown)
         E.save_result(st.save_dir, "stages", {"rows": rows})
     except UserError as e:
         notes.append(f"--full evaluation stopped: {e}")
