@@ -430,7 +430,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     check_out_file(args.out)
     ev = _features(args, "embedding")
     img, caption = map_figure(ev.test_x, ev.test_y, ev.classes, method=args.method, max_points=args.max_points,
-                              seed=args.seed)
+                              seed=args.seed, progress=True)
     _save_image(img, args.out)
     print(caption)
     print(f"wrote {args.out}")
