@@ -223,6 +223,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     from instdisc import dist
     from instdisc.config import absolute_paths, load_preset
     from instdisc.engine import fit
+    from instdisc.loggers import check_loggers
     from instdisc.methods import resolve_config
     from instdisc.rundir import resume_config
 
@@ -246,6 +247,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     resume, overwrite = (stored_run is not None, stored_run is None) if auto else (args.resume, args.overwrite)
     if resume:  # the run's own config wins, with what the fields let a resume change (config.resume_rules)
         cfg = resume_config(cfg, stored_run[0], flags)
+    if "run.logger" in flags:  # typed now: TensorBoard asked for by name must exist (loggers.check_loggers)
+        check_loggers(flags["run.logger"], asked=True)
     timeout = _dist_timeout(cfg.run.dist_timeout, given="run.dist_timeout" in flags)
     env = dist.init_from_env(cfg.run.device, timeout_s=timeout)
     ok = False

@@ -6,7 +6,8 @@ by default; rank 0 only. The remote run's id is saved in the checkpoint, so that
 continues the same wandb / MLflow run instead of starting a second one.
 
 - tensorboard: the default, written when the `tensorboard` package is installed (else skipped
-  without a word, as before); tags "step/loss", "epoch/knn_top1", ...
+  without a word); `--logger tensorboard` typed without the package is refused; tags
+  "step/loss", "epoch/knn_top1", ...
 - wandb: offline unless WANDB_MODE says otherwise (a compute node without network must never
   wait on a login prompt; `wandb sync RUN_DIR/wandb/offline-run-*` uploads later); project from
   WANDB_PROJECT, else "instdisc"; files under RUN_DIR/wandb.
@@ -126,11 +127,18 @@ class Mlflow:
         self.client.set_terminated(self.run_id)
 
 
-def check_loggers(names: list[str]) -> None:
-    """Refuse an unknown logger, or one whose package is missing, before any work (exit 2)."""
+def check_loggers(names: list[str], *, asked: bool = False) -> None:
+    """Refuse an unknown logger, or one whose package is missing, before any work (exit 2).
+
+    ``asked``: the names were typed on this command line. TensorBoard is the default and skipped
+    where its package is missing; asked for by name, it is refused like the others instead.
+    """
     for name in names:
         if name not in LOGGERS:
             raise ConfigError(f"--logger {name!r} is not one of {', '.join(LOGGERS)}.")
+        if name == "tensorboard" and asked and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--logger tensorboard needs the tensorboard package: pip install "
+                              "'instdisc[tensorboard]' (without --logger, TensorBoard is used only where it is installed).")
         if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
             # each logger's extra in pyproject.toml is named after it
             raise ConfigError(f"--logger {name} needs the {name} package: pip install 'instdisc[{name}]'.")
