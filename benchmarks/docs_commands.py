@@ -400,9 +400,25 @@ def plan(cmd: DocCommand, made: set[str] | None = None) -> tuple[list[str] | Non
     return out, notes
 
 
-def headline(stdout: str) -> str:
-    """The last number the command printed with a %, or its last line."""
+LOGGER_DIRS = {"tensorboard": "tb", "wandb": "wandb", "mlflow": "mlruns"}  # where each --logger writes in RUN
+
+
+def logger_outputs(work: Path, argv: list[str]) -> str:
+    """For a `train --logger ...`: which logger folders the run holds afterwards ("" otherwise)."""
+    if argv[0] != "train" or "--logger" not in argv or _flag(argv, "--out") is None:
+        return ""
+    run = work / str(_flag(argv, "--out"))
+    held = [f"{d}/" for d in LOGGER_DIRS.values() if (run / d).is_dir() and any((run / d).iterdir())]
+    return "; RUN holds " + (", ".join(held) if held else "no logger folder")
+
+
+def headline(stdout: str, command: str = "") -> str:
+    """The last number the command printed with a %, or its last line (`search`: its summary line)."""
     lines = [ln.strip() for ln in stdout.splitlines() if ln.strip()]
+    if command == "search":
+        summary = [ln for ln in lines if re.match(r"\d+ quer", ln)]
+        if summary:
+            return summary[-1][:120]
     for ln in reversed(lines):
         m = re.search(r"top-1[^0-9]*([0-9.]+)\s*%", ln) or re.search(r"([0-9.]+)\s*%", ln)
         if m:
@@ -442,7 +458,7 @@ def run_all(cmds: list[DocCommand], timeout: float) -> list[dict]:
             except subprocess.TimeoutExpired as e:
                 status, out, err = "timeout", str(e.stdout or ""), str(e.stderr or "")
             secs = time.perf_counter() - t0
-            row.update(status=status, seconds=round(secs, 1), headline=headline(out),
+            row.update(status=status, seconds=round(secs, 1), headline=headline(out.replace(f"{work}{os.sep}", ""), argv[0]) + logger_outputs(work, argv),
                        ran=shlex.join([*(f"{k}={v}" for k, v in cmd_env.items()), *cmd.launcher, *argv]))
             if status != 0:
                 row["error"] = (err.strip().splitlines() or [""])[-1][:300]
