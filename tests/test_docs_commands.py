@@ -122,3 +122,14 @@ def test_environment_words_are_kept_and_online_wandb_runs_offline():
     env, notes = dc.command_env(cmd)
     assert env == {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     assert notes == ["WANDB_MODE=online -> offline (no network here)"]
+
+
+def test_result_lines_of_search_and_logger_rows(tmp_path):
+    out = "embedding\n3 queries, 5 nearest of 100 index images (photos; index features computed)\nwrote s/results.csv\n"
+    assert dc.headline(out, "search") == "3 queries, 5 nearest of 100 index images (photos; index features computed)"
+    assert dc.headline(out) == "wrote s/results.csv"
+    (tmp_path / "runs/x/mlruns/0").mkdir(parents=True)
+    (tmp_path / "runs/x/tb").mkdir()  # empty: nothing written there
+    argv = ["train", "--out", "runs/x", "--logger", "tensorboard", "mlflow"]
+    assert dc.logger_outputs(tmp_path, argv) == "; RUN holds mlruns/"
+    assert dc.logger_outputs(tmp_path, ["train", "--out", "runs/x"]) == ""
