@@ -419,7 +419,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     res = search(args.run, args.query, index=args.index, k=args.k, backend=args.backend, device=args.device,
                  batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=True)
-    print(f"{len(res.query_names)} queries, {res.indices.shape[1]} nearest of {len(res.index)} index images "
+    nq = len(res.query_names)
+    print(f"{nq} {'query' if nq == 1 else 'queries'}, {res.indices.shape[1]} nearest of {len(res.index)} index images "
           f"({res.index.name}; index features {'from the cache' if res.cached else 'computed'})")
     for p in write_results(res, args.out):
         print(f"wrote {p}")
