@@ -18,7 +18,19 @@ substitutions, each one recorded in the table:
   chooses itself for 1,437 images;
 * a training preset of more than 10 epochs (other than the digits preset) gets `--epochs 1`
   (`linear --augmented --epochs 100` gets `--epochs 2`): the command's flags are all exercised,
-  its recipe's number is not what this measures.
+  its recipe's number is not what this measures;
+* `instdisc search`'s images, written from digits (make_search_images): the query `photo.jpg` (one
+  JPEG), the query folder `queries/` (10 images, no class folders), the index folders `~/photos`,
+  `~/holiday-photos` -> `photos/` (100 images, unlabelled); in the shorthand `--query IMG|DIR
+  [--index DIR] --out DIR`: IMG -> photo.jpg, DIR -> photos/ after --index, search/ after --out;
+* a fresh `train --out RUN` (no --resume) -> runs/new_<doc>_<line>, and a `train` line repeated in
+  a second doc (README.md and docs/loggers.md) -> its --out with `_2` (each doc is read on its own;
+  the run refuses a folder that holds a run);
+* environment words before the command (`OMP_NUM_THREADS=1 instdisc ...`) are kept, except
+  `WANDB_MODE=online` -> offline (no network here; the same logger code, no upload).
+
+A `--logger tensorboard` line runs without the `tensorboard` package here: the row says so (no
+RUN/tb/, skipped as docs/loggers.md documents).
 
 Commands that need what this machine does not have are not run and say why: released weights
 files, a SLURM cluster, 8 GPUs / several nodes. tests/test_docs_commands.py runs the cheap part
@@ -42,6 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LAUNCHERS = ("instdisc", "torchrun", "srun")
+ENV_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")  # an environment assignment before the command
 
 
 @dataclass
@@ -51,6 +64,7 @@ class DocCommand:
     text: str  # as written (continuation lines joined), comment included
     launcher: list[str]  # what runs `instdisc`: ["instdisc"], ["torchrun", ..., "-m", "instdisc"], ["srun", "instdisc"]
     argv: list[str]  # the arguments after `instdisc` (argv[0] is the subcommand)
+    env: list[str] = field(default_factory=list)  # `NAME=value` words before the launcher, as written
     notes: list[str] = field(default_factory=list)
 
 
@@ -97,6 +111,9 @@ def extract(paths: list[Path] = DOCS) -> list[DocCommand]:
             if text.startswith("$ "):
                 text = text[2:]
             words = _split(text)
+            env = []
+            while words and ENV_WORD.match(words[0]):  # `WANDB_MODE=online instdisc ...`
+                env.append(words.pop(0))
             if not words or words[0] not in LAUNCHERS:
                 continue
             if words[0] == "instdisc":
@@ -113,7 +130,7 @@ def extract(paths: list[Path] = DOCS) -> list[DocCommand]:
             if not argv:
                 continue
             name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-            cmds.append(DocCommand(name, num, text, launcher, argv))
+            cmds.append(DocCommand(name, num, text, launcher, argv, env))
     return cmds
 
 
@@ -227,10 +244,17 @@ def digits_sizes(argv: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _digits_image(d, i: int):  # noqa: ANN001, ANN202
+    """Digits image i (8 x 8, 0..16) as a 32 x 32 RGB PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((d.images[i] * (255 / 16)).astype(np.uint8), "L").convert("RGB").resize((32, 32))
+
+
 def make_imagefolder(dst: Path, per_class: int = 8) -> Path:
     """A small ImageFolder (train/ and test/, one folder per digit) written from digits."""
     import numpy as np
-    from PIL import Image
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -240,32 +264,91 @@ def make_imagefolder(dst: Path, per_class: int = 8) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             idx = np.where(d.target == c)[0][offset // 100 : offset // 100 + per_class]
             for i in idx:
-                im = (d.images[i] * (255 / 16)).astype(np.uint8)
-                Image.fromarray(im, "L").convert("RGB").resize((32, 32)).save(folder / f"{i}.png")
+                _digits_image(d, i).save(folder / f"{i}.png")
     return dst
 
 
-def plan(cmd: DocCommand) -> tuple[list[str] | None, list[str]]:
+SEARCH_QUERY, SEARCH_QUERIES, SEARCH_INDEX = "photo.jpg", "queries", "photos"  # written by make_search_images
+SEARCH_INDEX_SIZE = 100  # > the docs' -k 20
+
+
+def make_search_images(work: Path) -> None:
+    """`instdisc search`'s inputs, written from digits into WORK: photo.jpg (one image, JPEG),
+    queries/ (10 images, one per digit, no class folders) and photos/ (100 other images, no class
+    folders: an unlabelled index)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    _digits_image(d, len(d.images) - 1).save(work / SEARCH_QUERY, quality=95)
+    (work / SEARCH_QUERIES).mkdir()
+    for c in range(10):
+        i = int(np.where(d.target == c)[0][-2])
+        _digits_image(d, i).save(work / SEARCH_QUERIES / f"{c}_{i}.png")
+    (work / SEARCH_INDEX).mkdir()
+    for i in range(SEARCH_INDEX_SIZE):
+        _digits_image(d, i).save(work / SEARCH_INDEX / f"{i:04d}.png")
+
+
+SEARCH_SUBS = {  # (the flag before it, the word as written) -> (what runs, the note)
+    ("--query", "photo.jpg"): (SEARCH_QUERY, "photo.jpg: a digits image (JPEG)"),
+    ("--query", "IMG"): (SEARCH_QUERY, "IMG -> photo.jpg, a digits image (JPEG)"),
+    ("--query", "queries/"): (SEARCH_QUERIES + "/", "queries/: 10 digits images, no class folders"),
+    ("--query", "DIR"): (SEARCH_QUERIES + "/", "DIR -> queries/, 10 digits images"),
+    ("--index", "~/photos"): (SEARCH_INDEX, f"~/photos -> {SEARCH_INDEX}/, {SEARCH_INDEX_SIZE} digits images, unlabelled"),
+    ("--index", "~/holiday-photos"): (
+        SEARCH_INDEX, f"~/holiday-photos -> {SEARCH_INDEX}/, {SEARCH_INDEX_SIZE} digits images, unlabelled"),
+    ("--index", "DIR"): (SEARCH_INDEX, f"--index DIR -> {SEARCH_INDEX}/, {SEARCH_INDEX_SIZE} digits images, unlabelled"),
+    ("--out", "DIR"): ("search/", "--out DIR -> search/"),
+}
+ENV_SUBS = {"WANDB_MODE=online": ("WANDB_MODE=offline", "WANDB_MODE=online -> offline (no network here)")}
+
+
+def command_env(cmd: DocCommand) -> tuple[dict[str, str], list[str]]:
+    """The environment assignments written before the command ({NAME: value}) and the notes of
+    those changed here."""
+    env, notes = {}, []
+    for word in cmd.env:
+        if word in ENV_SUBS:
+            word, note = ENV_SUBS[word]
+            notes.append(note)
+        name, value = word.split("=", 1)
+        env[name] = value
+    return env, notes
+
+
+def plan(cmd: DocCommand, made: set[str] | None = None) -> tuple[list[str] | None, list[str]]:
     """(argv to run after the launcher, or None when it cannot run here; the substitutions made
-    or the reason it is not run)."""
+    or the reason it is not run). `made`: the run folders earlier commands trained (updated here),
+    so that a `train` repeated in a second doc trains into a new folder."""
+    import importlib.util
+
     from instdisc.config import load_preset
 
     for pat, why in NEEDS:
         if re.search(pat, cmd.text):
             return None, [why]
     argv = normalise(cmd.argv)
-    notes: list[str] = []
+    _, notes = command_env(cmd)
     out: list[str] = []
+    fresh_train = argv[0] == "train" and "--resume" not in argv
     i = 0
     while i < len(argv):
         a = argv[i]
+        prev = argv[i - 1] if i else ""
         if a == "--data" and i + 1 < len(argv):
             if argv[i + 1] != "digits":
                 notes.append(f"--data {argv[i + 1]} -> digits")
             out += ["--data", "digits"]
             i += 2
             continue
-        if a in PLACEHOLDER_RUNS:
+        if argv[0] == "search" and (prev, a) in SEARCH_SUBS:
+            a, note = SEARCH_SUBS[prev, a]
+            notes.append(note)
+        elif a in PLACEHOLDER_RUNS and fresh_train and prev == "--out":  # a new run, not the one RUN names
+            a = f"runs/new_{Path(cmd.file).stem}_{cmd.line}"
+            notes.append(f"{argv[i]} -> {a} (a new run)")
+        elif a in PLACEHOLDER_RUNS:
             a = "runs/digits"
             notes.append(f"{argv[i]} -> runs/digits")
         elif a == "runs/bench_npid_cifar10_cpu":  # benchmarks/npid_cifar10_cpu.sh's run: the README's runs/c10cpu
@@ -296,6 +379,20 @@ def plan(cmd: DocCommand) -> tuple[list[str] | None, list[str]]:
             for flag, value, note in digits_sizes(out):
                 out += [flag, value]
                 notes.append(note)
+        run_dir = _flag(out, "--out")
+        if made is not None and run_dir is not None and "--resume" not in out:
+            if run_dir in made:  # the same line in a second doc: each doc is read on its own
+                k = out.index("--out")
+                n = 2
+                while f"{run_dir}_{n}" in made:
+                    n += 1
+                out[k + 1] = f"{run_dir}_{n}"
+                notes.append(f"--out {run_dir} -> {out[k + 1]} (an earlier line trained {run_dir})")
+            made.add(out[out.index("--out") + 1])
+        loggers = out[out.index("--logger") + 1:] if "--logger" in out else []
+        if "tensorboard" in loggers[: next((j for j, w in enumerate(loggers) if w.startswith("-")), None)] \
+                and importlib.util.find_spec("tensorboard") is None:
+            notes.append("tensorboard not installed here: no RUN/tb/ (skipped, docs/loggers.md)")
     if out[0] == "linear" and "--augmented" in out and _flag(out, "--epochs") not in (None, "1", "2"):
         k = out.index("--epochs")
         notes.append(f"--epochs {out[k + 1]} -> 2")
@@ -303,9 +400,25 @@ def plan(cmd: DocCommand) -> tuple[list[str] | None, list[str]]:
     return out, notes
 
 
-def headline(stdout: str) -> str:
-    """The last number the command printed with a %, or its last line."""
+LOGGER_DIRS = {"tensorboard": "tb", "wandb": "wandb", "mlflow": "mlruns"}  # where each --logger writes in RUN
+
+
+def logger_outputs(work: Path, argv: list[str]) -> str:
+    """For a `train --logger ...`: which logger folders the run holds afterwards ("" otherwise)."""
+    if argv[0] != "train" or "--logger" not in argv or _flag(argv, "--out") is None:
+        return ""
+    run = work / str(_flag(argv, "--out"))
+    held = [f"{d}/" for d in LOGGER_DIRS.values() if (run / d).is_dir() and any((run / d).iterdir())]
+    return "; RUN holds " + (", ".join(held) if held else "no logger folder")
+
+
+def headline(stdout: str, command: str = "") -> str:
+    """The last number the command printed with a %, or its last line (`search`: its summary line)."""
     lines = [ln.strip() for ln in stdout.splitlines() if ln.strip()]
+    if command == "search":
+        summary = [ln for ln in lines if re.match(r"\d+ quer", ln)]
+        if summary:
+            return summary[-1][:120]
     for ln in reversed(lines):
         m = re.search(r"top-1[^0-9]*([0-9.]+)\s*%", ln) or re.search(r"([0-9.]+)\s*%", ln)
         if m:
@@ -320,9 +433,13 @@ def run_all(cmds: list[DocCommand], timeout: float) -> list[dict]:
         work = Path(tmp)
         (work / "configs").symlink_to(ROOT / "configs")
         make_imagefolder(work / "imagefolder")
-        env = {**os.environ, "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}"}
+        make_search_images(work)
+        base_env = {**os.environ, "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}"}
+        made: set[str] = set()
         for cmd in cmds:
-            argv, notes = plan(cmd)
+            argv, notes = plan(cmd, made)
+            cmd_env, _ = command_env(cmd)
+            env = {**base_env, **cmd_env}
             row = {"file": cmd.file, "line": cmd.line, "command": cmd.text, "notes": notes}
             if argv is None:
                 results.append({**row, "status": "not run", "seconds": None, "headline": ""})
@@ -341,8 +458,8 @@ def run_all(cmds: list[DocCommand], timeout: float) -> list[dict]:
             except subprocess.TimeoutExpired as e:
                 status, out, err = "timeout", str(e.stdout or ""), str(e.stderr or "")
             secs = time.perf_counter() - t0
-            row.update(status=status, seconds=round(secs, 1), headline=headline(out),
-                       ran=shlex.join([*cmd.launcher, *argv]))
+            row.update(status=status, seconds=round(secs, 1), headline=headline(out.replace(f"{work}{os.sep}", ""), argv[0]) + logger_outputs(work, argv),
+                       ran=shlex.join([*(f"{k}={v}" for k, v in cmd_env.items()), *cmd.launcher, *argv]))
             if status != 0:
                 row["error"] = (err.strip().splitlines() or [""])[-1][:300]
             results.append(row)

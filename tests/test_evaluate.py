@@ -358,3 +358,19 @@ def test_weighted_knn_reference_still_agrees_with_sweep_rows():
     rows = E.knn_table(bank, by, query, qy, ks=(7,), ts=(0.1,))
     ref = weighted_knn(query, bank, by, k=7, t=0.1, num_classes=4)
     assert rows[0]["top1"] == pytest.approx(100.0 * float((ref.argmax(1) == qy).float().mean()))
+
+
+def test_linear_probe_and_low_shot_show_their_progress(capsys):
+    """Long on large feature sets (minutes at ImageNet size): each shows a progress line that ends
+    at 100%, and the numbers do not depend on it."""
+    from instdisc.evaluate import linear_probe, low_shot
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 4, generator=g), torch.arange(60) % 3
+    quiet = linear_probe(x, y, x, y, num_classes=3, epochs=3)
+    shown = linear_probe(x, y, x, y, num_classes=3, epochs=3, progress=True)
+    assert "linear probe 100.0% 6/6" in capsys.readouterr().err  # 3 epochs of grid search + 3 of the final fit
+    assert {k: v for k, v in shown.items() if k != "time_s"} == {k: v for k, v in quiet.items() if k != "time_s"}
+    rows = low_shot(x, y, x, y, shots=[1, 2, 100], draws=2, progress=True)
+    assert "low-shot 100.0% 4/4" in capsys.readouterr().err  # k = 100 is skipped: 2 shots x 2 draws
+    assert [r["k"] for r in rows if "mean" in r] == [1, 2]

@@ -3,6 +3,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from instdisc.knn import knn_accuracy, knn_sweep, topk_accuracy, weighted_knn
 
@@ -123,3 +125,24 @@ def test_top5_matches_a_slow_reference_that_ranks_only_voted_classes():
             voted = sorted((c for c in range(9) if ref[i, c] > 0), key=lambda c: -ref[i, c])[:5]
             hits += int(qy[i]) in voted
         assert knn_accuracy(query, qy, bank, labels, k=k, t=0.5, num_classes=9)["top5"] == pytest.approx(100 * hits / 40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), q=st.integers(1, 12), c=st.integers(1, 8), k=st.integers(1, 50),
+       t=st.sampled_from([0.02, 0.07, 0.5, 2.0]), chunk=st.integers(1, 13), seed=st.integers(0, 2**16))
+def test_any_bank_scores_as_the_slow_reference_in_any_chunking(n, q, c, k, t, chunk, seed):
+    """Any sizes (k above N, one row, one class, chunks that do not divide Q): the prediction and the
+    voted top-5 are the slow reference's, and top-5 never falls below top-1."""
+    g = torch.Generator().manual_seed(seed)
+    bank, query = torch.randn(n, 6, generator=g), torch.randn(q, 6, generator=g)
+    labels, qy = torch.randint(0, c, (n,), generator=g), torch.randint(0, c, (q,), generator=g)
+    fast = weighted_knn(query, bank, labels, k=k, t=t, num_classes=c, chunk_size=chunk)  # (Q, C)
+    ref = slow_knn(query, bank, labels, min(k, n), t, c)  # (Q, C) float64
+    assert torch.equal(fast > 0, ref > 0)  # the same classes got votes
+    top1 = topk_accuracy(fast, qy, (1,), votes=True)["top1"]
+    ref_top1 = 100.0 * float((ref.argmax(1) == qy).double().mean())
+    ties = ((ref - ref.max(1, keepdim=True).values).abs() < 1e-9 * ref.max(1, keepdim=True).values).sum(1) > 1
+    if not ties.any():  # exact ties (duplicate similarities) may break either way
+        assert top1 == pytest.approx(ref_top1)
+    acc = knn_accuracy(query, qy, bank, labels, k=k, t=t, num_classes=c)
+    assert acc["top1"] <= acc["top5"] <= 100.0

@@ -62,7 +62,7 @@ def test_mlflow_gets_the_numbers_of_metrics_jsonl_and_resume_continues_its_run(t
 def test_wandb_offline_run_is_written_and_resumed_with_the_same_id(tmp_path, isolated):
     pytest.importorskip("wandb")
     run = tmp_path / "run"
-    args = ["train", *TINY, "--logger", "wandb", "tensorboard", "--out", str(run)]
+    args = ["train", *TINY, "--logger", "wandb", "--out", str(run)]
     assert main([*args, "--max-steps", "3"]) == 0
     run_id = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["loggers"]["wandb"]
     assert main([*args, "--resume"]) == 0
@@ -73,7 +73,7 @@ def test_wandb_offline_run_is_written_and_resumed_with_the_same_id(tmp_path, iso
     assert any(f.suffix == ".wandb" for p in offline for f in p.iterdir())
 
 
-@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+@pytest.mark.parametrize("name", ["wandb", "mlflow", "tensorboard"])
 def test_a_logger_that_is_not_installed_is_refused_before_any_work(tmp_path, monkeypatch, capsys, name):
     import importlib.util
 
@@ -84,6 +84,17 @@ def test_a_logger_that_is_not_installed_is_refused_before_any_work(tmp_path, mon
     err = capsys.readouterr().err
     assert f"pip install 'instdisc[{name}]'" in err and "Traceback" not in err
     assert not (run / "metrics.jsonl").exists()
+
+
+def test_tensorboard_by_default_is_skipped_where_it_is_missing(tmp_path, monkeypatch, isolated):
+    """Only the default is skipped without a word; typed by name it is refused (test above)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: None if mod == "tensorboard" else real(mod, *a))
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--max-steps", "1", "--out", str(run)]) == 0
+    assert not (run / "tb").exists()
 
 
 def test_unknown_logger_exits_2(tmp_path, capsys):
@@ -97,6 +108,18 @@ def test_none_logs_to_metrics_jsonl_only(tmp_path, isolated):
     assert not (run / "tb").exists() and not (run / "wandb").exists() and not (run / "mlruns").exists()
     assert len([r for r in records(run) if r["type"] == "step"]) == 2
     assert os.path.exists(run / "checkpoints" / "last.pt")
+
+
+def test_the_install_line_of_every_logger_names_an_extra_that_exists():
+    """The refusal says pip install 'instdisc[NAME]': each logger with a package has that extra."""
+    from pathlib import Path
+
+    from instdisc.loggers import LOGGERS
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"wandb", "mlflow", "tensorboard"} <= set(extras) and set(LOGGERS) - {"none"} <= set(extras)
 
 
 def test_an_unreachable_mlflow_server_is_refused_at_once_not_after_minutes_of_retries(tmp_path, isolated, monkeypatch):

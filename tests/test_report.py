@@ -295,3 +295,20 @@ def test_label_free_signals_are_charted_after_knn_with_their_meaning():
     assert [t.split(",")[0].split(" ")[0] for t in titles[i + 1:i + 5]] == ["alignment", "uniformity", "effective",
                                                                             "neighbour"]
     assert "no labels" in titles[i + 1] and titles[-1] == "other"
+
+
+def test_a_large_tsne_says_it_started(monkeypatch, capsys):
+    """t-SNE's optimiser reports nothing for tens of seconds: the map says on stderr that it runs."""
+    import numpy as np
+    import torch
+
+    import instdisc.visual as visual
+    from instdisc.report import map_figure
+
+    monkeypatch.setattr(visual, "embed_2d", lambda x, method, seed: np.zeros((x.shape[0], 2)))  # the cost is not the point
+    x, y = torch.randn(1200, 8), torch.arange(1200) % 3
+    map_figure(x, y, ["a", "b", "c"], method="tsne", max_points=1200, seed=0, progress=True)
+    assert "t-SNE of 1,200 points" in capsys.readouterr().err
+    map_figure(x, y, ["a", "b", "c"], method="pca", max_points=1200, seed=0, progress=True)
+    map_figure(x, y, ["a", "b", "c"], method="tsne", max_points=1200, seed=0)
+    assert capsys.readouterr().err == ""

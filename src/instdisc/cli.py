@@ -225,6 +225,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     from instdisc import dist
     from instdisc.config import absolute_paths, load_preset
     from instdisc.engine import fit
+    from instdisc.loggers import check_loggers
     from instdisc.methods import resolve_config
     from instdisc.rundir import resume_config
 
@@ -248,6 +249,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     resume, overwrite = (stored_run is not None, stored_run is None) if auto else (args.resume, args.overwrite)
     if resume:  # the run's own config wins, with what the fields let a resume change (config.resume_rules)
         cfg = resume_config(cfg, stored_run[0], flags)
+    if "run.logger" in flags:  # typed now: TensorBoard asked for by name must exist (loggers.check_loggers)
+        check_loggers(flags["run.logger"], asked=True)
     timeout = _dist_timeout(cfg.run.dist_timeout, given="run.dist_timeout" in flags)
     env = dist.init_from_env(cfg.run.device, timeout_s=timeout)
     ok = False
@@ -366,7 +369,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
         ev = _features(args, "backbone")
         res = linear_probe(ev.train_x, ev.train_y, ev.test_x, ev.test_y, num_classes=ev.num_classes,
                            norm=args.norm, lrs=args.lr or LINEAR_LRS, epochs=args.epochs, batch_size=args.probe_batch_size,
-                           weight_decay=args.weight_decay, seed=args.seed)
+                           weight_decay=args.weight_decay, seed=args.seed, progress=True)
         save_dir, name = ev.save_dir, "linear" if args.features == "backbone" else f"linear_{args.features}"
     save_result(save_dir, name, {"features": "backbone" if args.augmented else args.features, **res})
     print(f"linear probe ({res['norm']} inputs, lr {res['lr']:g}, {res['epochs']} epochs, {res['time_s']:.1f} s): "
@@ -380,7 +383,7 @@ def cmd_lowshot(args: argparse.Namespace) -> int:
 
     ev = _features(args, "backbone")
     rows = low_shot(ev.train_x, ev.train_y, ev.test_x, ev.test_y, shots=args.shots, draws=args.draws,
-                    classifier=args.classifier, C=args.C, norm=args.norm, seed=args.seed)
+                    classifier=args.classifier, C=args.C, norm=args.norm, seed=args.seed, progress=True)
     if all("mean" not in r for r in rows):  # nothing measured: a refusal, not a result
         raise UserError(f"every --shots value is too large: {rows[0]['skipped']}.")
     save_result(ev.save_dir, "lowshot", {"features": args.features, "classifier": args.classifier, "C": args.C,
@@ -397,7 +400,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
     ev = _features(args, "stages")
     rows = stage_table(split_stages(ev.train_x, ev.stage_dims), ev.train_y, split_stages(ev.test_x, ev.stage_dims),
                        ev.test_y, num_classes=ev.num_classes, knn_k=args.knn_k, knn_t=args.knn_t,
-                       epochs=args.epochs, norm=args.norm, lrs=args.lr, seed=args.seed)
+                       epochs=args.epochs, norm=args.norm, lrs=args.lr, seed=args.seed, progress=True)
     save_result(ev.save_dir, "stages", {"rows": rows})
     print(format_table(rows, ["stage", "dim", "linear_top1", "linear_top5", "knn_top1"]))
     return 0
@@ -422,7 +425,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     res = search(args.run, args.query, index=args.index, k=args.k, backend=args.backend, device=args.device,
                  batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=True)
-    print(f"{len(res.query_names)} queries, {res.indices.shape[1]} nearest of {len(res.index)} index images "
+    nq = len(res.query_names)
+    print(f"{nq} {'query' if nq == 1 else 'queries'}, {res.indices.shape[1]} nearest of {len(res.index)} index images "
           f"({res.index.name}; index features {'from the cache' if res.cached else 'computed'})")
     for p in write_results(res, args.out):
         print(f"wrote {p}")
@@ -436,7 +440,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     check_out_file(args.out)
     ev = _features(args, "embedding")
     img, caption = map_figure(ev.test_x, ev.test_y, ev.classes, method=args.method, max_points=args.max_points,
-                              seed=args.seed)
+                              seed=args.seed, progress=True)
     _save_image(img, args.out)
     print(caption)
     print(f"wrote {args.out}")

@@ -6,7 +6,8 @@ by default; rank 0 only. The remote run's id is saved in the checkpoint, so that
 continues the same wandb / MLflow run instead of starting a second one.
 
 - tensorboard: the default, written when the `tensorboard` package is installed (else skipped
-  without a word, as before); tags "step/loss", "epoch/knn_top1", ...
+  without a word); `--logger tensorboard` typed without the package is refused; tags
+  "step/loss", "epoch/knn_top1", ...
 - wandb: offline unless WANDB_MODE says otherwise (a compute node without network must never
   wait on a login prompt; `wandb sync RUN_DIR/wandb/offline-run-*` uploads later); project from
   WANDB_PROJECT, else "instdisc"; files under RUN_DIR/wandb.
@@ -28,7 +29,6 @@ from typing import Any, Protocol
 from instdisc.errors import ConfigError, UserError
 
 LOGGERS = ("tensorboard", "wandb", "mlflow", "none")
-_EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 class Logger(Protocol):
@@ -149,9 +149,13 @@ def _start_quickly() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
-def check_loggers(names: list[str]) -> None:
+def check_loggers(names: list[str], *, asked: bool = False) -> None:
     """Refuse an unknown logger, one whose package is missing, or `none` beside another, before
-    any work (exit 2)."""
+    any work (exit 2).
+
+    ``asked``: the names were typed on this command line. TensorBoard is the default and skipped
+    where its package is missing; asked for by name, it is refused like the others instead.
+    """
     if "none" in names and len(set(names)) > 1:
         others = " ".join(n for n in dict.fromkeys(names) if n != "none")
         raise ConfigError(f"--logger none means metrics.jsonl only, but {others} {'is' if ' ' not in others else 'are'} "
@@ -159,8 +163,12 @@ def check_loggers(names: list[str]) -> None:
     for name in names:
         if name not in LOGGERS:
             raise ConfigError(f"--logger {name!r} is not one of {', '.join(LOGGERS)}.")
+        if name == "tensorboard" and asked and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--logger tensorboard needs the tensorboard package: pip install "
+                              "'instdisc[tensorboard]' (without --logger, TensorBoard is used only where it is installed).")
         if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
-            raise ConfigError(f"--logger {name} needs the {name} package: pip install 'instdisc[{_EXTRA[name]}]'.")
+            # each logger's extra in pyproject.toml is named after it
+            raise ConfigError(f"--logger {name} needs the {name} package: pip install 'instdisc[{name}]'.")
 
 
 def open_loggers(names: list[str], run_dir: Path, config: dict[str, Any],

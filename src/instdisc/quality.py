@@ -127,18 +127,13 @@ class QualityState:
         return cls(neighbours=((ck or {}).get("quality") or {}).get("neighbours"))
 
 
-@dataclass
-class QualityConfig:
-    """How the signals are measured (fixed by the project, documented in docs/quality.md)."""
-
-    k: int = 10  # neighbours per image for nn_agree
-    align_alpha: float = 2.0
-    uniform_t: float = 2.0
+# How the signals are measured: fixed by the project (docs/quality.md), the papers' defaults.
+NN_K = 10  # neighbours per image for nn_agree
+ALIGN_ALPHA = 2.0  # Wang & Isola's alpha
+UNIFORM_T = 2.0  # Wang & Isola's t
 
 
-def quality_signals(
-    z: Tensor, z1: Tensor, z2: Tensor, state: QualityState, cfg: QualityConfig | None = None
-) -> dict[str, float]:
+def quality_signals(z: Tensor, z1: Tensor, z2: Tensor, state: QualityState) -> dict[str, float]:
     """The four signals of one evaluation.
 
     Args:
@@ -148,13 +143,12 @@ def quality_signals(
     Returns:
         {"align", "uniform", "rankme"} and, from the second evaluation on, "nn_agree".
     """
-    cfg = cfg or QualityConfig()
     out = {
-        "align": alignment(z1, z2, cfg.align_alpha),
-        "uniform": uniformity(z, cfg.uniform_t),
+        "align": alignment(z1, z2, ALIGN_ALPHA),
+        "uniform": uniformity(z, UNIFORM_T),
         "rankme": rankme(z),
     }
-    k = min(cfg.k, z.shape[0] - 1)
+    k = min(NN_K, z.shape[0] - 1)
     nn = neighbour_indices(F.normalize(z.float(), dim=1), k).cpu()
     if state.neighbours is not None and state.neighbours.shape == nn.shape:
         out["nn_agree"] = neighbour_agreement(state.neighbours, nn)

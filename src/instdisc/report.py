@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -254,15 +255,19 @@ def neighbour_figure(ev, *, queries: int, k: int, seed: int, indices: list[int] 
 
 
 def map_figure(x: torch.Tensor, y: torch.Tensor, classes: list[str], *, method: str, max_points: int,
-               seed: int) -> tuple[Image.Image, str]:
+               seed: int, progress: bool = False) -> tuple[Image.Image, str]:
     """A 2-D map of (a seeded subsample of) the test embedding; method "auto" picks t-SNE for up to
-    `visual.TSNE_MAX_POINTS` points and PCA above (the caption says which, and why)."""
+    `visual.TSNE_MAX_POINTS` points and PCA above (the caption says which, and why). ``progress``:
+    say on stderr when a t-SNE starts (its optimiser reports nothing; ~20 s for 5,000 points here)."""
     from instdisc.visual import TSNE_MAX_POINTS, embed_2d, map_method_for, scatter_map
 
     n = x.shape[0]
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_points), replace=False))
     chosen = map_method_for(len(idx), method)
     name = {"pca": "PCA", "tsne": "t-SNE"}[chosen]
+    if progress and chosen == "tsne" and len(idx) >= 1000:
+        print(f"map: t-SNE of {format_number(len(idx))} points (tens of seconds; no progress to show)...",
+              file=sys.stderr, flush=True)
     xy = embed_2d(x[torch.from_numpy(idx)], chosen, seed=seed)
     img = scatter_map(xy, y.numpy()[idx], classes, title=f"{name} of the test embedding ({len(idx)} points)")
     why = ""
@@ -392,7 +397,8 @@ def build_report(
         # the caption says how many neighbours); `instdisc neighbours -k` beyond N is an error.
         img, cap = neighbour_figure(ev, queries=queries, k=min(k, ev.train_x.shape[0]), seed=seed)
         figures.append(f"<h2>Nearest neighbours</h2>{_img(png_data_uri(img), 'neighbour grid', cap)}")
-        img, cap = map_figure(ev.test_x, ev.test_y, ev.classes, method=map_method, max_points=map_points, seed=seed)
+        img, cap = map_figure(ev.test_x, ev.test_y, ev.classes, method=map_method, max_points=map_points, seed=seed,
+                              progress=progress)
         figures.append(f"<h2>Test embedding in 2-D</h2>{_img(png_data_uri(img), '2-D map', cap)}")
         if full:
             _run_full(ev, notes, data=data, device=device, batch_size=batch_size, cache_dir=cache_dir,
@@ -422,13 +428,15 @@ def _run_full(ev, notes: list[str], **kw: Any) -> None:
         return
     try:
         bb = E.features_for(run, kind="backbone", **kw)
-        res = E.linear_probe(bb.train_x, bb.train_y, bb.test_x, bb.test_y, num_classes=bb.num_classes)
+        shown = bool(kw.get("progress"))
+        res = E.linear_probe(bb.train_x, bb.train_y, bb.test_x, bb.test_y, num_classes=bb.num_classes, progress=shown)
         E.save_result(bb.save_dir, "linear", {"features": "backbone", **res})
-        rows = E.low_shot(bb.train_x, bb.train_y, bb.test_x, bb.test_y)
+        rows = E.low_shot(bb.train_x, bb.train_y, bb.test_x, bb.test_y, progress=shown)
         E.save_result(bb.save_dir, "lowshot", {"features": "backbone", "classifier": "svm", "C": 1.0, "rows": rows})
         st = E.features_for(run, kind="stages", **kw)
         rows = E.stage_table(E.split_stages(st.train_x, st.stage_dims), st.train_y,
-                             E.split_stages(st.test_x, st.stage_dims), st.test_y, num_classes=st.num_classes)
+                             E.split_stages(st.test_x, st.stage_dims), st.test_y, num_classes=st.num_classes,
+                             progress=shown)
         E.save_result(st.save_dir, "stages", {"rows": rows})
     except UserError as e:
         notes.append(f"--full evaluation stopped: {e}")

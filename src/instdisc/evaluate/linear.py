@@ -20,6 +20,7 @@ from instdisc.errors import ConfigError, UserError
 from instdisc.evaluate.extraction import extract
 from instdisc.evaluate.subject import Subject
 from instdisc.knn import topk_accuracy
+from instdisc.progress import Progress
 
 Norm = Literal["bn", "l2", "none"]
 
@@ -72,6 +73,7 @@ def train_linear(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     seed: int = 0,
+    bar: Progress | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax regression by mini-batch SGD with momentum and a per-step cosine schedule, for
     several learning rates at once.
@@ -84,6 +86,7 @@ def train_linear(
 
     Args:
         x: (N, D) features; y: (N,) labels in [0, num_classes).
+        bar: advanced by one per epoch (the caller's progress line).
     Returns:
         weights (L, C, D) and biases (L, C), one classifier per learning rate.
     """
@@ -122,6 +125,8 @@ def train_linear(
             w.sub_(mw * step_lr[:, None])
             b.sub_(mb * step_lr)
             step += 1
+        if bar is not None:
+            bar.update(1)
     return w.view(L, c, d), b.view(L, c)
 
 
@@ -149,6 +154,7 @@ def linear_probe(
     weight_decay: float = 0.0,
     val_fraction: float = 0.1,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Linear classifier on frozen features; top-1/top-5 (%) on the test set.
 
@@ -177,6 +183,8 @@ def linear_probe(
         momentum=momentum,
         weight_decay=weight_decay,
         seed=seed,
+        # one line for the grid search and the final fit: epochs of both
+        bar=Progress(epochs * (2 if len(lrs) > 1 else 1), desc="linear probe", enabled=progress, unit="epoch"),
     )
     val_scores: dict[float, float] = {}
     if len(lrs) > 1:
@@ -194,6 +202,7 @@ def linear_probe(
     fn = FeatureNorm.fit(norm, train_x)
     tx = fn(train_x)
     ws, bs = train_linear(tx, train_y, c, lrs=[best], **kw)
+    kw["bar"].close()
     res = _accuracy(ws[0], bs[0], fn(test_x), test_y)
     return {
         **res,
@@ -249,7 +258,6 @@ def linear_probe_augmented(
     """
     from instdisc.augment import augment
     from instdisc.loader import TrainLoader
-    from instdisc.progress import Progress
 
     if train_images.labels is None or test_images.labels is None:
         raise UserError("the augmented linear probe needs labelled train and test splits.")

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from instdisc.errors import ConfigError, UserError
 from instdisc.evaluate.linear import FeatureNorm, Norm
+from instdisc.progress import Progress
 
 LOW_SHOT_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 96)
 
@@ -37,6 +38,7 @@ def low_shot(
     C: float = 1.0,
     norm: Norm = "l2",
     seed: int = 0,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Top-1 (%) of a linear classifier trained on k images per class, for each k, over `draws`
     seeded random draws: rows {"k", "mean", "std", "runs", "n_train"}.
@@ -56,6 +58,7 @@ def low_shot(
     ty = train_y.numpy()
     smallest = int(np.bincount(ty)[np.unique(ty)].min())
     rows: list[dict[str, Any]] = []
+    bar = Progress(draws * sum(k <= smallest for k in shots), desc="low-shot", enabled=progress, unit="fit")
     for k in shots:
         if k > smallest:
             rows.append({"k": k, "skipped": f"the smallest class has {smallest} training images"})
@@ -77,6 +80,7 @@ def low_shot(
                 raise UserError("low-shot needs at least two classes.")
             clf.fit(xs, ty[idx])
             runs.append(100.0 * float((clf.predict(xq) == test_y.numpy()).mean()))
+            bar.update(1, postfix=f"k={k}")
         rows.append(
             {
                 "k": k,
@@ -86,4 +90,5 @@ def low_shot(
                 "n_train": int(len(idx)),
             }
         )
+    bar.close()
     return rows
