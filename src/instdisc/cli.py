@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help=f"source to embed (default: the run's training source): {SOURCES_HELP}")
     e.add_argument("--split", choices=["train", "test"], default="test", help="which split (default test)")
     e.add_argument("--out", required=True, help="output FILE.npy")
-    e.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+    e.add_argument("--batch-size", type=positive_int, default=EMBED_BATCH, help=BATCH_HELP)
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     e.add_argument("--drop-unknown-classes", action="store_true", help=DROP_HELP)
@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto",
                     help="neighbour search: exact torch top-k, or faiss's exact index; auto = faiss (if installed) "
                          "for indexes of 2,000,000+ images")
-    se.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+    se.add_argument("--batch-size", type=positive_int, default=EMBED_BATCH, help=BATCH_HELP)
     se.add_argument("--device", default="auto", help=DEVICE_HELP)
     se.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     se.add_argument("--no-cache", action="store_true", help="do not reuse or write the index's features in "
@@ -673,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--map", choices=["auto", "pca", "tsne"], default="auto",
                     help="2-D map: auto (default: tsne up to 5,000 points, pca above), pca (fast) or tsne")
     rp.add_argument("--seed", type=seed_int, default=0, help=SEED_HELP)
-    rp.add_argument("--batch-size", type=positive_int, default=256, help=BATCH_HELP)
+    rp.add_argument("--batch-size", type=positive_int, default=EMBED_BATCH, help=BATCH_HELP)
     rp.add_argument("--device", default="auto", help=DEVICE_HELP)
     rp.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     rp.add_argument("--drop-unknown-classes", action="store_true", help=DROP_HELP)
