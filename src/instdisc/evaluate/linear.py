@@ -177,14 +177,15 @@ def linear_probe(
     t0 = time.perf_counter()
     c = num_classes or int(max(train_y.max(), test_y.max())) + 1
     train_x, test_x = train_x.float(), test_x.float()
+    # one progress line for the grid search and the final fit: the epochs of both
+    bar = Progress(epochs * (2 if len(lrs) > 1 else 1), desc="linear probe", enabled=progress, unit="epoch")
     kw = dict(
         epochs=epochs,
         batch_size=batch_size,
         momentum=momentum,
         weight_decay=weight_decay,
         seed=seed,
-        # one line for the grid search and the final fit: epochs of both
-        bar=Progress(epochs * (2 if len(lrs) > 1 else 1), desc="linear probe", enabled=progress, unit="epoch"),
+        bar=bar,
     )
     val_scores: dict[float, float] = {}
     if len(lrs) > 1:
@@ -202,7 +203,7 @@ def linear_probe(
     fn = FeatureNorm.fit(norm, train_x)
     tx = fn(train_x)
     ws, bs = train_linear(tx, train_y, c, lrs=[best], **kw)
-    kw["bar"].close()
+    bar.close()
     res = _accuracy(ws[0], bs[0], fn(test_x), test_y)
     return {
         **res,
